@@ -1,0 +1,35 @@
+# Two commands do all the set-up on a fresh machine with Python 3.11:
+#   make run   - the main job (a generation demo on the embedded tiny model, later the conformance suite)
+#   make test  - the project's tests (the `ci` Hypothesis profile)
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+HYPOTHESIS_PROFILE ?= ci
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: run test bench venv clean
+
+venv: $(STAMP)
+
+# The pinned torch is the CPU build that lies on this machine's disk; an unpinned one would pull CUDA.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m ref.demo
+
+test: $(STAMP)
+	HYPOTHESIS_PROFILE=$(HYPOTHESIS_PROFILE) $(PY) -m pytest -q -n 2 tests benchmarks --benchmark-disable
+
+bench: $(STAMP)
+	$(PY) -m pytest -q benchmarks --benchmark-autosave
+
+clean:
+	rm -rf $(VENV)

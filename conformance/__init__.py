@@ -1,0 +1,1 @@
+"""pagedlm conformance suite: checks any vLLM-shaped engine against the reference oracle."""

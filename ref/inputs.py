@@ -1,0 +1,94 @@
+"""Turning user prompts into validated token-id requests, before any engine state changes.
+
+Shared by both engines: a bad request is rejected with the same ValueError by `ref` and `fast`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from ref.sampling_params import SamplingParams
+from ref.tokenizer import TextCodec
+
+PromptType = "str | dict[str, Any]"  # a string, or {"prompt_token_ids": [...], "prompt"?: str}
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """The engine-side bounds a request is checked against."""
+
+    vocab_size: int
+    max_model_len: int
+    max_logprobs: int
+
+
+@dataclass(frozen=True)
+class ProcessedPrompt:
+    prompt: str | None
+    prompt_token_ids: list[int]
+
+
+def process_prompt(prompt: Any, codec: TextCodec) -> ProcessedPrompt:
+    """A string (encoded with the tokenizer) or a {'prompt_token_ids': [...]} dict."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ValueError("prompt must be a non-empty string, got ''")
+        return ProcessedPrompt(prompt, codec.encode(prompt))
+    if isinstance(prompt, dict):
+        unknown = set(prompt) - {"prompt_token_ids", "prompt"}
+        if unknown or "prompt_token_ids" not in prompt:
+            raise ValueError(
+                f"prompt dict must have key 'prompt_token_ids' (and optionally 'prompt'), got keys {sorted(prompt)}"
+            )
+        ids = prompt["prompt_token_ids"]
+        if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise ValueError(f"prompt_token_ids must be a list of integers, got {type(ids).__name__}")
+        return ProcessedPrompt(prompt.get("prompt"), list(ids))
+    raise ValueError(f"prompt must be a string or a dict with 'prompt_token_ids', got {type(prompt).__name__}")
+
+
+def validate_request(p: ProcessedPrompt, params: SamplingParams, limits: RequestLimits,
+                     has_tokenizer: bool) -> None:
+    """Every engine-dependent rule of SPEC.md "Bad requests"; raises ValueError naming the field."""
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+    ids = p.prompt_token_ids
+    if not ids:
+        raise ValueError("prompt_token_ids must be non-empty, got []")
+    bad = [t for t in ids if not 0 <= t < limits.vocab_size]
+    if bad:
+        raise ValueError(f"prompt_token_ids must be in [0, {limits.vocab_size}) (vocab size), got {bad[0]}")
+    if len(ids) > limits.max_model_len:
+        raise ValueError(
+            f"prompt length must be <= max_model_len ({limits.max_model_len}), got {len(ids)} tokens"
+        )
+    for name in ("logprobs", "prompt_logprobs"):
+        v = getattr(params, name)
+        if v is not None and v > limits.max_logprobs:
+            raise ValueError(f"{name} must be <= max_logprobs ({limits.max_logprobs}), got {v}")
+    bad_stop = [t for t in params.stop_token_ids if t >= limits.vocab_size]
+    if bad_stop:
+        raise ValueError(f"stop_token_ids must be in [0, {limits.vocab_size}) (vocab size), got {bad_stop[0]}")
+    if params.stop and not has_tokenizer:
+        raise ValueError("stop: stop strings need a tokenizer, and this model has none")
+
+
+def normalize_batch(prompts: Any, sampling_params: Any) -> list[tuple[Any, SamplingParams]]:
+    """One prompt or a list; one SamplingParams (or None: defaults) or a list of equal length."""
+    if isinstance(prompts, (str, dict)):
+        prompts = [prompts]
+    if not isinstance(prompts, Sequence) or isinstance(prompts, str):
+        raise ValueError(f"prompts must be a prompt or a list of prompts, got {type(prompts).__name__}")
+    if sampling_params is None:
+        sampling_params = SamplingParams()
+    if isinstance(sampling_params, SamplingParams):
+        params_list = [sampling_params] * len(prompts)
+    else:
+        params_list = list(sampling_params)
+        if len(params_list) != len(prompts):
+            raise ValueError(
+                f"sampling_params must be one SamplingParams or a list of len(prompts)={len(prompts)}, "
+                f"got a list of {len(params_list)}"
+            )
+    return list(zip(prompts, params_list))

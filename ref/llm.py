@@ -1,0 +1,39 @@
+"""`ref.LLM`: the offline entry point, `generate(prompts, sampling_params)`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ref.engine import EngineConfig, LLMEngine
+from ref.inputs import normalize_batch
+from ref.outputs import RequestOutput
+
+
+class LLM:
+    """LLM(model=<local HF dir>, dtype="auto", seed=0, max_model_len=None, max_batch=16, ...)."""
+
+    def __init__(self, model: str, **options: Any):
+        self.llm_engine = LLMEngine(EngineConfig.from_options(model, options))
+        self._next_id = 0
+
+    def get_tokenizer(self):
+        return self.llm_engine.codec.tokenizer
+
+    def generate(self, prompts: Any, sampling_params: Any = None, use_tqdm: bool = False) -> list[RequestOutput]:
+        """Outputs in input order. Every request is validated before any of them runs."""
+        engine = self.llm_engine
+        batch = normalize_batch(prompts, sampling_params)
+        for prompt, params in batch:  # raises before anything is queued
+            engine.process(prompt, params)
+        ids = []
+        for prompt, params in batch:
+            rid = str(self._next_id)
+            self._next_id += 1
+            engine.add_request(rid, prompt, params)
+            ids.append(rid)
+        finished: dict[str, RequestOutput] = {}
+        while len(finished) < len(ids):
+            for out in engine.step():
+                if out.finished:
+                    finished[out.request_id] = out
+        return [finished[rid] for rid in ids]

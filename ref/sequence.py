@@ -1,0 +1,93 @@
+"""One sample's generation state and the stop rules applied after each new token.
+
+Stop rules, checked in this order after a token is appended (SPEC.md, "Request lifecycle"):
+1. once `min_tokens` are generated: a stop token (EOS unless ignore_eos, or any of
+   stop_token_ids) -> "stop"; the token stays in token_ids but not in text (unless
+   include_stop_str_in_output);
+2. once `min_tokens` are generated: a stop string anywhere in the decoded text -> "stop"; the
+   text is cut before it (after it with include_stop_str_in_output); the earliest occurrence
+   wins, ties go to the string listed first;
+3. max_tokens generated, or prompt + output reaching max_model_len -> "length".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ref.outputs import CompletionOutput
+from ref.sampling_params import SamplingParams
+from ref.tokenizer import TextCodec
+
+
+@dataclass
+class StopContext:
+    """What the stop rules need besides the sequence itself."""
+
+    eos_token_ids: tuple[int, ...]
+    max_model_len: int
+    codec: TextCodec
+
+
+@dataclass
+class Sequence:
+    index: int
+    params: SamplingParams  # this sample's params (its own seed when n > 1)
+    generator: torch.Generator | None  # None for greedy
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list | None = None
+    cumulative_logprob: float | None = None
+    text: str = ""
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def append(self, token_id: int, prompt_len: int, ctx: StopContext) -> None:
+        """Add a sampled token, refresh the text and apply the stop rules."""
+        self.output_ids.append(token_id)
+        p = self.params
+        decode = lambda ids: ctx.codec.decode(ids, p.skip_special_tokens)  # noqa: E731
+        self.text = decode(self.output_ids)
+        if len(self.output_ids) >= p.min_tokens:
+            stop_tokens = set(p.stop_token_ids) | (set() if p.ignore_eos else set(ctx.eos_token_ids))
+            if token_id in stop_tokens:
+                if not p.include_stop_str_in_output:
+                    self.text = decode(self.output_ids[:-1])
+                reason = token_id if token_id in p.stop_token_ids else None
+                return self.finish("stop", reason)
+            hit = find_stop_string(self.text, p.stop)
+            if hit is not None:
+                pos, stop_str = hit
+                self.text = self.text[: pos + len(stop_str)] if p.include_stop_str_in_output else self.text[:pos]
+                return self.finish("stop", stop_str)
+        max_tokens = p.max_tokens if p.max_tokens is not None else ctx.max_model_len
+        if len(self.output_ids) >= max_tokens or prompt_len + len(self.output_ids) >= ctx.max_model_len:
+            self.finish("length")
+
+    def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
+        self.finish_reason, self.stop_reason = reason, stop_reason
+
+    def to_output(self) -> CompletionOutput:
+        return CompletionOutput(
+            index=self.index,
+            text=self.text,
+            token_ids=list(self.output_ids),
+            cumulative_logprob=self.cumulative_logprob,
+            logprobs=list(self.logprobs) if self.logprobs is not None else None,
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+        )
+
+
+def find_stop_string(text: str, stops: list[str]) -> tuple[int, str] | None:
+    """(position, string) of the earliest stop-string occurrence in text; ties: listed first."""
+    best = None
+    for s in stops:
+        pos = text.find(s)
+        if pos != -1 and (best is None or pos < best[0]):
+            best = (pos, s)
+    return best
