@@ -20,3 +20,20 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir():
+    """The embedded default model (llama family), written once per cache."""
+    from ref.models import tiny_checkpoint
+
+    return str(tiny_checkpoint())
+
+
+@pytest.fixture(scope="session")
+def ref_llm(tiny_model_dir):
+    from ref import LLM
+
+    return LLM(tiny_model_dir)
