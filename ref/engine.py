@@ -20,7 +20,7 @@ from ref.model import KVCache, load_model
 from ref.outputs import PromptLogprobs, RequestOutput
 from ref.sampler import logprob_entry, sample
 from ref.sampling_params import MAX_SEED, SamplingParams
-from ref.sequence import Sequence, StopContext
+from ref.sequence import Sequence, StopContext, draw_base_seed, make_sequences
 from ref.tokenizer import TextCodec, load_tokenizer
 
 
@@ -149,17 +149,7 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         processed, params = self.process(prompt, params)
         # Unseeded requests get a seed from the engine's generator, in arrival order.
-        base_seed = int(torch.randint(0, MAX_SEED, (1,), generator=self._seed_gen))
-        seqs = []
-        for i in range(params.n):
-            p = params.for_sample(i)
-            gen = None
-            if not p.greedy:
-                seed = p.seed if p.seed is not None else (base_seed + i) % (MAX_SEED + 1)
-                gen = torch.Generator().manual_seed(seed)
-            seqs.append(Sequence(index=i, params=p, generator=gen,
-                                 logprobs=[] if p.logprobs is not None else None,
-                                 cumulative_logprob=0.0 if p.logprobs is not None else None))
+        seqs = make_sequences(params, draw_base_seed(self._seed_gen))
         req = Request(request_id, processed.prompt, processed.prompt_token_ids, params, seqs)
         self.requests[request_id] = req
         self.waiting.append(req)

@@ -238,4 +238,4 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "auto") -> Tran
             raise ValueError(f"tensor {name}: shape {tuple(tensors[name].shape)} != expected {tuple(param.shape)}")
     model.load_state_dict({k: v.to(torch_dtype) for k, v in tensors.items()}, assign=True)
     model.rope = Rope(config)  # buffers are not in the checkpoint; rebuild off the meta device
-    return model.eval()
+    return model.requires_grad_(False).eval()

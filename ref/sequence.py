@@ -91,3 +91,27 @@ def find_stop_string(text: str, stops: list[str]) -> tuple[int, str] | None:
         if pos != -1 and (best is None or pos < best[0]):
             best = (pos, s)
     return best
+
+
+def draw_base_seed(engine_generator: torch.Generator) -> int:
+    """The per-request seed an engine draws at add_request (used by unseeded samples)."""
+    from ref.sampling_params import MAX_SEED
+
+    return int(torch.randint(0, MAX_SEED, (1,), generator=engine_generator))
+
+
+def make_sequences(params: SamplingParams, base_seed: int) -> list[Sequence]:
+    """The n samples of a request: sample i seeds its generator with seed + i (or base + i)."""
+    from ref.sampling_params import MAX_SEED
+
+    seqs = []
+    for i in range(params.n):
+        p = params.for_sample(i)
+        gen = None
+        if not p.greedy:
+            seed = p.seed if p.seed is not None else (base_seed + i) % (MAX_SEED + 1)
+            gen = torch.Generator().manual_seed(seed)
+        want_lp = p.logprobs is not None
+        seqs.append(Sequence(index=i, params=p, generator=gen, logprobs=[] if want_lp else None,
+                             cumulative_logprob=0.0 if want_lp else None))
+    return seqs
