@@ -1,0 +1,96 @@
+"""Hypothesis strategies for random serving workloads, shared by the tests and the CLI tiers.
+
+A workload is a list of requests (prompt, SamplingParams, priority) with shared prefixes so
+that prefix caching gets hits, a mix of greedy and seeded sampling, stops, penalties, logprobs
+and n > 1, plus aborts scheduled at given steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hypothesis import strategies as st
+
+from ref.sampling_params import SamplingParams
+
+STOP_STRINGS = ["e", " t", "a", "in", ".", "\n"]
+
+
+@dataclass
+class Workload:
+    prompts: list[dict]
+    params: list[SamplingParams]
+    priorities: list[int]
+    aborts: dict[int, list[int]] = field(default_factory=dict)  # step -> request indices
+
+    @property
+    def aborted(self) -> set[int]:
+        return {i for ids in self.aborts.values() for i in ids}
+
+
+@st.composite
+def sampling_params_strategy(draw, max_tokens: int = 16, vocab: int = 512, allow_stop_strings: bool = True):
+    kw = dict(max_tokens=draw(st.integers(1, max_tokens)), ignore_eos=draw(st.booleans()))
+    if draw(st.booleans()):
+        kw.update(repetition_penalty=draw(st.sampled_from([1.0, 1.2, 0.8])),
+                  presence_penalty=draw(st.sampled_from([0.0, 0.5, -0.5])),
+                  frequency_penalty=draw(st.sampled_from([0.0, 0.3])))
+    if draw(st.integers(0, 3)) == 0:
+        kw["logprobs"] = draw(st.integers(0, 4))
+    if draw(st.integers(0, 5)) == 0:
+        kw["prompt_logprobs"] = draw(st.integers(0, 3))
+    if draw(st.integers(0, 3)) == 0:
+        kw["stop_token_ids"] = draw(st.lists(st.integers(3, vocab - 1), min_size=1, max_size=3))
+    if allow_stop_strings and draw(st.integers(0, 3)) == 0:
+        kw["stop"] = draw(st.lists(st.sampled_from(STOP_STRINGS), min_size=1, max_size=2))
+        kw["include_stop_str_in_output"] = draw(st.booleans())
+    if draw(st.integers(0, 4)) == 0:
+        kw["min_tokens"] = draw(st.integers(0, kw["max_tokens"]))
+    if draw(st.booleans()):
+        return SamplingParams(temperature=0.0, **kw)
+    return SamplingParams(
+        temperature=draw(st.sampled_from([0.6, 1.0, 1.5])),
+        top_p=draw(st.sampled_from([1.0, 0.9, 0.5])),
+        top_k=draw(st.sampled_from([0, 1, 5, 50])),
+        min_p=draw(st.sampled_from([0.0, 0.1])),
+        seed=draw(st.integers(0, 2**32)),
+        n=draw(st.sampled_from([1, 1, 2, 3])),
+        **kw,
+    )
+
+
+@st.composite
+def workloads(draw, vocab: int = 512, max_requests: int = 40, max_prompt_len: int = 80,
+              max_tokens: int = 16, max_abort_step: int = 30, allow_stop_strings: bool = True):
+    token = st.integers(3, vocab - 1)
+    prefixes = draw(st.lists(st.lists(token, min_size=1, max_size=max_prompt_len // 2), min_size=1, max_size=3))
+    num = draw(st.integers(1, max_requests))
+    prompts, params, priorities = [], [], []
+    for _ in range(num):
+        prefix = draw(st.sampled_from([[], *prefixes]))
+        tail = draw(st.lists(token, min_size=0 if prefix else 1, max_size=max_prompt_len - len(prefix)))
+        prompts.append({"prompt_token_ids": prefix + tail})
+        params.append(draw(sampling_params_strategy(max_tokens, vocab, allow_stop_strings)))
+        priorities.append(draw(st.integers(0, 3)))
+    aborts: dict[int, list[int]] = {}
+    for i in draw(st.lists(st.integers(0, num - 1), max_size=min(num, 4), unique=True)):
+        aborts.setdefault(draw(st.integers(0, max_abort_step)), []).append(i)
+    return Workload(prompts, params, priorities, aborts)
+
+
+@st.composite
+def fast_engine_options(draw, max_model_len: int = 128):
+    """Small pools and budgets that force chunking and preemption."""
+    block_size = draw(st.sampled_from([4, 8, 16, 32]))
+    needed = -(-max_model_len // block_size)
+    max_num_seqs = draw(st.integers(1, 8))
+    return dict(
+        max_model_len=max_model_len,
+        block_size=block_size,
+        num_kv_blocks=draw(st.integers(needed, 3 * needed)),
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=draw(st.integers(max(max_num_seqs, 8), 96)),
+        enable_prefix_caching=draw(st.booleans()),
+        long_prefill_token_threshold=draw(st.sampled_from([0, 0, 7, 32])),
+        policy=draw(st.sampled_from(["fcfs", "priority"])),
+    )
