@@ -42,6 +42,8 @@ def make_request(rid: str, prompt: list[int], max_tokens: int, arrival: int, pri
 class SchedulerMachine(RuleBasedStateMachine):
     """Random adds, steps and aborts; invariants after each; a final drain proves liveness."""
 
+    factory = Scheduler  # (SchedulerConfig, KVCacheManager) -> scheduler under test
+
     @initialize(
         block_size=st.sampled_from([2, 4, 8]),
         extra_blocks=st.integers(0, 24),
@@ -59,7 +61,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             budget = max(budget, MAX_MODEL_LEN)
         self.config = SchedulerConfig(max_num_seqs, budget, MAX_MODEL_LEN, chunked, threshold, policy)
         self.kv = KVCacheManager(KVCacheConfig(num_blocks, block_size, caching))
-        self.scheduler = Scheduler(self.config, self.kv)
+        self.scheduler = type(self).factory(self.config, self.kv)
         self.model_waiting: list[Request] = []  # the machine's own queue model
         self.live: dict[str, Request] = {}
         self.next_id = 0
@@ -161,3 +163,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert not self.live
         assert self.kv.num_free_blocks == self.kv.config.num_blocks
         self.kv.check_invariants()
+
+
+def make_scheduler_machine(factory, name: str = "SchedulerMachine") -> type[SchedulerMachine]:
+    """A `SchedulerMachine` for another scheduler implementation; use its `.TestCase`."""
+    return type(name, (SchedulerMachine,), {"factory": staticmethod(factory)})

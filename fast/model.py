@@ -122,3 +122,18 @@ class PagedDecoder(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [S, hidden] -> fp32 logits [S, vocab]."""
         return F.linear(hidden, self.lm_head).float()
+
+    @torch.inference_mode()
+    def teacher_forced_logits(self, token_ids: list[int], backend: AttentionBackend,
+                              block_size: int = 16) -> torch.Tensor:
+        """Logits [T, vocab] of one sequence in one paged forward over a scratch cache."""
+        cfg, device = self.config, self.cos.device
+        num_blocks = -(-len(token_ids) // block_size)
+        shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+        caches = [(torch.zeros(shape, dtype=self.dtype, device=device),
+                   torch.zeros(shape, dtype=self.dtype, device=device)) for _ in self.layers]
+        n = len(token_ids)
+        metadata = AttentionMetadata.from_lists([n], [n], [list(range(num_blocks))], block_size, device)
+        positions = torch.arange(n, device=device)
+        ids = torch.tensor(token_ids, device=device)
+        return self.compute_logits(self(ids, positions, caches, positions, metadata, backend))

@@ -1,0 +1,103 @@
+"""Runs checks, times them, counts examples, and reports a table and a JSON document."""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from hypothesis import HealthCheck, Phase, given, seed as hyp_seed, settings
+from hypothesis.stateful import run_state_machine_as_test
+
+from conformance.tiers import CHECKS, TIERS, Check, Context, NotApplicable
+
+
+@dataclass
+class CheckResult:
+    tier: str
+    check: str
+    status: str  # "passed" | "failed" | "n/a"
+    examples: int
+    seconds: float
+    message: str = ""
+    settings: dict = field(default_factory=dict)
+    replay: str = ""
+
+
+def _settings(ctx: Context, seed: int | None, shrink: bool) -> settings:
+    phases = [Phase.explicit, Phase.reuse, Phase.generate] + ([Phase.shrink] if shrink else [])
+    return settings(max_examples=ctx.profile.examples, deadline=None, database=None, phases=phases,
+                    derandomize=seed is None, stateful_step_count=ctx.profile.stateful_steps,
+                    suppress_health_check=list(HealthCheck), print_blob=False)
+
+
+def _failure_text(err: BaseException) -> str:
+    notes = getattr(err, "__notes__", [])
+    text = f"{type(err).__name__}: {err}"
+    if isinstance(err, BaseExceptionGroup):
+        text = "\n".join(_failure_text(e) for e in err.exceptions)
+    if notes:
+        text += "\n" + "\n".join(notes)
+    return text
+
+
+def run_check(check: Check, ctx: Context, seed: int | None, shrink: bool, replay: str) -> CheckResult:
+    t0 = time.perf_counter()
+    count = [0]
+    cfg = _settings(ctx, seed, shrink)
+    info = {"max_examples": ctx.profile.examples, "seed": seed, "profile": ctx.profile.name}
+    try:
+        built, body = check.build(ctx)
+        if check.stateful:
+            for machine in built:
+                counted = type(machine.__name__, (machine,), {
+                    "__init__": lambda self, _m=machine: (count.__setitem__(0, count[0] + 1), _m.__init__(self))[1]})
+                run_state_machine_as_test(counted, settings=cfg)
+        else:
+            @cfg
+            @given(built)
+            def prop(value: Any) -> None:
+                count[0] += 1
+                body(ctx, value)
+
+            if seed is not None:
+                prop = hyp_seed(seed)(prop)
+            prop()
+    except NotApplicable as na:
+        return CheckResult(check.tier, check.name, "n/a", 0, time.perf_counter() - t0, str(na), info, replay)
+    except Exception as err:  # noqa: BLE001 - a failed check of any kind is reported, not raised
+        message = _failure_text(err)
+        if not message.strip() or message.startswith("AssertionError: \n"):
+            message += "\n" + traceback.format_exc(limit=-3)
+        return CheckResult(check.tier, check.name, "failed", count[0], time.perf_counter() - t0, message, info, replay)
+    return CheckResult(check.tier, check.name, "passed", count[0], time.perf_counter() - t0, "", info, replay)
+
+
+def select(tiers: list[str] | None, check_name: str | None) -> list[Check]:
+    chosen = [c for c in CHECKS if (not tiers or c.tier in tiers) and (check_name is None or c.name == check_name)]
+    if not chosen:
+        raise ValueError(f"no check matches tiers={tiers} check={check_name!r}; tiers: {TIERS}")
+    return chosen
+
+
+def table(results: list[CheckResult]) -> str:
+    rows = [("tier", "checks", "examples", "passed", "failed", "n/a", "time")]
+    for tier in TIERS:
+        rs = [r for r in results if r.tier == tier]
+        if not rs:
+            continue
+        rows.append((tier, str(len(rs)), str(sum(r.examples for r in rs)),
+                     str(sum(r.status == "passed" for r in rs)), str(sum(r.status == "failed" for r in rs)),
+                     str(sum(r.status == "n/a" for r in rs)), f"{sum(r.seconds for r in rs):.1f}s"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_report(path: str, results: list[CheckResult], meta: dict) -> None:
+    doc = {**meta, "passed": all(r.status != "failed" for r in results), "checks": [asdict(r) for r in results]}
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=2)

@@ -1,0 +1,318 @@
+"""The seven tiers of checks. Each check is a Hypothesis property run against an adapter.
+
+A check returns normally (passed), raises (failed: the minimal example is in the message), or
+raises `NotApplicable` when the adapter lacks the hook the check needs.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from hypothesis import strategies as st
+
+from conformance.compare import LOGIT_ATOL, assert_close, check_request_outputs
+from conformance.driver import run_workload
+from conformance.workloads import Workload, fast_engine_options, sampling_params_strategy, workloads
+from ref.sampling_params import SamplingParams
+
+TIERS = ("model", "kernel", "allocator", "scheduler", "e2e", "determinism", "robustness")
+MAX_MODEL_LEN = 128
+
+
+class NotApplicable(Exception):
+    """The engine does not expose what this check needs."""
+
+
+@dataclass
+class Profile:
+    name: str
+    examples: int  # Hypothesis examples per property check
+    max_requests: int  # per e2e workload
+    stateful_steps: int
+    families: bool  # also check the other families' tiny checkpoints in tier 1
+    kernel_max_seq_len: int
+
+
+PROFILES = {
+    "quick": Profile("quick", examples=4, max_requests=8, stateful_steps=25, families=True, kernel_max_seq_len=96),
+    "full": Profile("full", examples=25, max_requests=24, stateful_steps=50, families=True, kernel_max_seq_len=300),
+    "deep": Profile("deep", examples=200, max_requests=40, stateful_steps=100, families=True, kernel_max_seq_len=600),
+}
+
+
+@dataclass
+class Context:
+    """What every check gets: the engine under test, the oracle, the model, the profile."""
+
+    adapter: Any
+    model_dir: str
+    profile: Profile
+    make_adapter: Callable[..., Any]  # (model_dir, **options) -> adapter of the same engine
+    options: dict = field(default_factory=dict)
+    _oracle: Any = None
+
+    @property
+    def oracle(self):
+        if self._oracle is None:
+            from conformance.adapters import RefAdapter
+
+            self._oracle = RefAdapter(self.model_dir, max_model_len=MAX_MODEL_LEN, max_batch=64)
+        return self._oracle
+
+    def hook(self, name: str):
+        value = getattr(self.adapter, name, None)
+        if value is None:
+            raise NotApplicable(f"the engine exposes no `{name}` hook")
+        return value
+
+
+@dataclass
+class Check:
+    tier: str
+    name: str
+    # Returns (strategy, body): the runner draws from `strategy` and calls body(ctx, value).
+    build: Callable[[Context], tuple[st.SearchStrategy, Callable[[Context, Any], None]]]
+    stateful: bool = False  # build returns a RuleBasedStateMachine class instead
+
+
+# ----------------------------------------------------------------------------- 1. model
+
+def _hf_logits(model_dir: str, token_ids: list[int]) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return hf(torch.tensor([token_ids])).logits[0].float()
+
+
+def _vocab(model_dir: str) -> int:
+    from ref.config import ModelConfig
+
+    return ModelConfig.from_pretrained(model_dir).vocab_size
+
+
+def build_logits_vs_hf(ctx: Context):
+    model_logits = ctx.hook("model_logits")
+    vocab = _vocab(ctx.model_dir)
+
+    def body(ctx, prompt):
+        assert_close("teacher-forced logits vs transformers", model_logits(prompt), _hf_logits(ctx.model_dir, prompt),
+                     atol=LOGIT_ATOL[torch.float32])
+
+    return st.lists(st.integers(0, vocab - 1), min_size=1, max_size=64), body
+
+
+def build_families_vs_hf(ctx: Context):
+    ctx.hook("model_logits")
+    from ref.models import tiny_checkpoint
+
+    families = ("llama", "mistral", "qwen2", "qwen3")
+
+    def body(ctx, case):
+        family, prompt = case
+        path = str(tiny_checkpoint(family, seed=1, tokenizer=False))
+        adapter = ctx.make_adapter(path, max_model_len=MAX_MODEL_LEN)
+        assert_close(f"{family} teacher-forced logits vs transformers", adapter.model_logits(prompt),
+                     _hf_logits(path, prompt), atol=LOGIT_ATOL[torch.float32])
+
+    return st.tuples(st.sampled_from(families), st.lists(st.integers(0, 511), min_size=1, max_size=48)), body
+
+
+# ----------------------------------------------------------------------------- 2. kernel
+
+def build_kernels(ctx: Context):
+    backends = ctx.hook("attention_backends")()
+    from conformance.kernels import CaseLimits, batch_specs, build_batch, check_backend_matches_reference
+
+    limits = CaseLimits(max_seq_len=ctx.profile.kernel_max_seq_len, max_seqs=4)
+    slow = CaseLimits(max_seq_len=48, max_seqs=3, max_kv_heads=1, head_dims=(32,))
+
+    def body(ctx, case):
+        name, spec = case
+        check_backend_matches_reference(backends[name], build_batch(spec))
+
+    cases = st.sampled_from(sorted(backends)).flatmap(
+        lambda n: st.tuples(st.just(n), batch_specs(slow if n == "triton" and not torch.cuda.is_available() else limits)))
+    return cases, body
+
+
+# ----------------------------------------------------------------------------- 3. allocator
+
+def build_allocator(ctx: Context):
+    factory = ctx.hook("allocator_factory")
+    from conformance.allocator import make_allocator_machine
+    from fast.kv_cache_manager import KVCacheConfig
+
+    configs = [KVCacheConfig(num_blocks=n, block_size=b, enable_prefix_caching=c)
+               for n, b, c in ((6, 2, True), (10, 4, True), (5, 1, False))]
+    return [make_allocator_machine(c, factory, f"Allocator_{i}") for i, c in enumerate(configs)], None
+
+
+# ----------------------------------------------------------------------------- 4. scheduler
+
+def build_scheduler(ctx: Context):
+    factory = ctx.hook("scheduler_factory")
+    from conformance.scheduler_machine import make_scheduler_machine
+
+    return [make_scheduler_machine(factory)], None
+
+
+# ----------------------------------------------------------------------------- 5. end-to-end
+
+def _compare(ctx: Context, workload: Workload, got: dict) -> None:
+    keep = sorted(got)
+    expected = ctx.oracle.generate([workload.prompts[i] for i in keep], [workload.params[i] for i in keep])
+    e = ctx.oracle.llm.llm_engine
+    check_request_outputs(e.model, e.model_config.eos_token_ids,
+                          [(workload.prompts[i]["prompt_token_ids"], workload.params[i]) for i in keep],
+                          expected, [got[i] for i in keep])
+
+
+def build_e2e(ctx: Context):
+    p = ctx.profile
+    make_engine = getattr(ctx.adapter, "make_engine", None)
+    kv_is_empty = getattr(ctx.adapter, "kv_is_empty", None)
+    use_engine = make_engine is not None and getattr(ctx.adapter, "name", "") == "fast"
+
+    def body(ctx, case):
+        workload, options = case
+        if use_engine:
+            engine = make_engine(**options)
+            got = run_workload(engine, workload)
+            assert set(got) == set(range(len(workload.prompts))) - workload.aborted, "a request never finished"
+            if kv_is_empty is not None:
+                assert kv_is_empty(engine), "KV blocks leaked after the workload finished"
+        else:
+            outs = ctx.adapter.generate(workload.prompts, workload.params)
+            got = dict(enumerate(outs))
+        _compare(ctx, workload, got)
+
+    wl = workloads(max_requests=p.max_requests, max_prompt_len=80, max_tokens=16)
+    if use_engine:
+        return st.tuples(wl, fast_engine_options(MAX_MODEL_LEN)), body
+    return st.tuples(wl.map(lambda w: Workload(w.prompts, w.params, w.priorities, {})), st.just({})), body
+
+
+# ----------------------------------------------------------------------------- 6. determinism
+
+def build_same_seed(ctx: Context):
+    def body(ctx, workload):
+        a = ctx.make_adapter(ctx.model_dir, seed=7, max_model_len=MAX_MODEL_LEN).generate(workload.prompts, workload.params)
+        b = ctx.make_adapter(ctx.model_dir, seed=7, max_model_len=MAX_MODEL_LEN).generate(workload.prompts, workload.params)
+        for x, y in zip(a, b):
+            ta = [c.token_ids for c in x.outputs]
+            tb = [c.token_ids for c in y.outputs]
+            assert ta == tb, f"request {x.request_id}: two runs with seed 7 differ: {ta} vs {tb}"
+
+    return workloads(max_requests=6, max_tokens=12), body
+
+
+def build_batch_invariance(ctx: Context):
+    def body(ctx, case):
+        workload, position = case
+        target = (workload.prompts[0], workload.params[0])
+        alone = ctx.adapter.generate([target[0]], [target[1]])
+        prompts, params = list(workload.prompts[1:]), list(workload.params[1:])
+        k = min(position, len(prompts))
+        prompts.insert(k, target[0])
+        params.insert(k, target[1])
+        together = ctx.adapter.generate(prompts, params)
+        e = ctx.oracle.llm.llm_engine
+        # The request alone is the reference here; the oracle only arbitrates near-ties.
+        check_request_outputs(e.model, e.model_config.eos_token_ids, [(target[0]["prompt_token_ids"], target[1])],
+                              alone, [together[k]])
+
+    return st.tuples(workloads(max_requests=8, max_tokens=12), st.integers(0, 8)), body
+
+
+# ----------------------------------------------------------------------------- 7. robustness
+
+def bad_requests(vocab: int, max_model_len: int, max_logprobs: int = 20) -> list[tuple[str, Any, Any]]:
+    """(field the error must name, prompt, params) for every bad input of SPEC.md §4."""
+    ok = {"prompt_token_ids": [5, 6, 7]}
+    return [
+        ("prompt", "", SamplingParams()),
+        ("prompt_token_ids", {"prompt_token_ids": []}, SamplingParams()),
+        ("prompt_token_ids", {"prompt_token_ids": [vocab]}, SamplingParams()),
+        ("prompt_token_ids", {"prompt_token_ids": [-1]}, SamplingParams()),
+        ("max_model_len", {"prompt_token_ids": [3] * (max_model_len + 1)}, SamplingParams()),
+        ("logprobs", ok, SamplingParams(logprobs=max_logprobs + 1)),
+        ("prompt_logprobs", ok, SamplingParams(prompt_logprobs=max_logprobs + 1)),
+        ("stop_token_ids", ok, SamplingParams(stop_token_ids=[vocab + 3])),
+    ]
+
+
+def build_bad_inputs(ctx: Context):
+    vocab = _vocab(ctx.model_dir)
+    cases = bad_requests(vocab, MAX_MODEL_LEN)
+    good = {"prompt_token_ids": [5, 6, 7]}
+    greedy = SamplingParams(temperature=0, max_tokens=4)
+
+    def body(ctx, index):
+        field_name, prompt, params = cases[index]
+        adapter = ctx.make_adapter(ctx.model_dir, max_model_len=MAX_MODEL_LEN)
+        try:
+            adapter.generate([good, prompt], [greedy, params])
+        except ValueError as err:
+            assert field_name in str(err), f"error for bad {field_name} does not name it: {err}"
+        except Exception as err:  # noqa: BLE001 - any other exception type is the finding
+            raise AssertionError(f"bad {field_name}: raised {type(err).__name__}, not ValueError: {err}") from err
+        else:
+            raise AssertionError(f"bad {field_name} ({str(prompt)[:60]}, {params}) was accepted")
+        out = adapter.generate([good], [greedy])  # keeps serving
+        assert len(out[0].outputs[0].token_ids) == 4, "engine stopped serving after a rejected request"
+
+    return st.integers(0, len(cases) - 1), body
+
+
+def build_bad_params(ctx: Context):
+    """SamplingParams violations are ValueErrors at construction (shared API, checked for all)."""
+    bad = [("temperature", -1.0), ("top_p", 0.0), ("top_k", -2), ("min_p", 2.0), ("n", 0),
+           ("presence_penalty", 3.0), ("repetition_penalty", 0.0), ("max_tokens", 0), ("stop", [""])]
+
+    def body(ctx, index):
+        name, value = bad[index]
+        try:
+            SamplingParams(**{name: value})
+        except ValueError as err:
+            assert name in str(err), f"error does not name {name}: {err}"
+        else:
+            raise AssertionError(f"SamplingParams({name}={value!r}) was accepted")
+
+    return st.integers(0, len(bad) - 1), body
+
+
+def build_abort_frees(ctx: Context):
+    make_engine = ctx.hook("make_engine")
+    kv_is_empty = ctx.hook("kv_is_empty")
+
+    def body(ctx, case):
+        workload, abort_after = case
+        engine = make_engine(max_model_len=MAX_MODEL_LEN, block_size=4, num_kv_blocks=64, max_num_seqs=4)
+        for i, (prompt, params) in enumerate(zip(workload.prompts, workload.params)):
+            engine.add_request(str(i), prompt, params)
+        for _ in range(abort_after):
+            engine.step()
+        engine.abort_request([str(i) for i in range(len(workload.prompts))])
+        assert not engine.has_unfinished_requests(), "aborted requests still unfinished"
+        assert kv_is_empty(engine), "aborting every request did not free every block"
+
+    return st.tuples(workloads(max_requests=6, max_tokens=12), st.integers(0, 6)), body
+
+
+CHECKS = [
+    Check("model", "logits_vs_transformers", build_logits_vs_hf),
+    Check("model", "families_vs_transformers", build_families_vs_hf),
+    Check("kernel", "paged_vs_dense", build_kernels),
+    Check("allocator", "state_machine", build_allocator, stateful=True),
+    Check("scheduler", "state_machine", build_scheduler, stateful=True),
+    Check("e2e", "workloads_vs_oracle", build_e2e),
+    Check("determinism", "same_seed_same_output", build_same_seed),
+    Check("determinism", "batch_invariance", build_batch_invariance),
+    Check("robustness", "bad_requests_rejected", build_bad_inputs),
+    Check("robustness", "bad_sampling_params", build_bad_params),
+    Check("robustness", "abort_frees_everything", build_abort_frees),
+]
