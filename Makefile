@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test bench venv clean
+.PHONY: run test bench bench-compare venv clean
 
 venv: $(STAMP)
 
@@ -28,8 +28,14 @@ run: $(STAMP)
 test: $(STAMP)
 	HYPOTHESIS_PROFILE=$(HYPOTHESIS_PROFILE) $(PY) -m pytest -q -n 2 tests benchmarks --benchmark-disable
 
+# Benchmarks: `make bench` saves a run under .benchmarks/ and writes benchmarks/results/;
+# `make bench-compare` fails if any mean is 10% slower than the newest saved run.
 bench: $(STAMP)
-	$(PY) -m pytest -q benchmarks --benchmark-autosave
+	$(PY) -m pytest -q benchmarks --benchmark-autosave -p no:xdist
+	$(PY) -m benchmarks.report
+
+bench-compare: $(STAMP)
+	$(PY) -m pytest -q benchmarks -p no:xdist --benchmark-compare --benchmark-compare-fail=mean:10%
 
 clean:
 	rm -rf $(VENV)

@@ -1,0 +1,46 @@
+"""Scheduler step cost without a model: how much CPU time planning one step takes.
+
+Drives `fast.scheduler.Scheduler` over a real `KVCacheManager` with 64 requests decoding
+(and a stream of prefills), the engine's bookkeeping done by hand as in the state machine.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from conformance.scheduler_machine import make_request
+from fast.kv_cache_manager import KVCacheConfig, KVCacheManager
+from fast.scheduler import Scheduler, SchedulerConfig
+
+
+def _scheduler(num_requests: int, prompt_len: int) -> Scheduler:
+    kv = KVCacheManager(KVCacheConfig(num_blocks=4096, block_size=16))
+    s = Scheduler(SchedulerConfig(max_num_seqs=256, max_num_batched_tokens=4096, max_model_len=64), kv)
+    for i in range(num_requests):
+        s.add(make_request(str(i), [i % 7] * prompt_len, 20, i, 0))
+    return s
+
+
+def _step(s: Scheduler) -> int:
+    out = s.schedule()
+    for item in out.scheduled:
+        r = item.request
+        r.num_computed_tokens += item.num_new_tokens
+        s.kv.cache_full_blocks(r.request_id, r.token_ids, r.num_computed_tokens)
+        if r.num_computed_tokens == r.num_tokens:
+            r.append_token(1)
+            if r.finished:
+                s.remove(r)
+    return len(out.scheduled)
+
+
+@pytest.mark.parametrize("num_requests", [16, 64])
+def test_scheduler_step(benchmark, num_requests):
+    def setup():
+        s = _scheduler(num_requests, 40)
+        _step(s)  # everyone prefilled: the timed steps are decodes
+        return (s,), {}
+
+    scheduled = benchmark.pedantic(_step, setup=setup, rounds=50, iterations=1)
+    assert scheduled == num_requests
+    benchmark.extra_info["requests_per_step"] = num_requests
