@@ -21,8 +21,11 @@ LOGIT_ATOL = {
 }
 
 # Attention-kernel outputs vs the dense reference, per dtype: (atol, rtol).
+# fp32: two correct fp32 attentions differ by up to 1.4e-5 (relative to 1 + |out|) on 600-token
+# contexts with peaky scores (q x4; 150 random cases: torch's CPU SDPA uses a fast approximate
+# exp), so 1e-5 was too tight; 3e-5 keeps a 2x margin. fp16/bf16: worst seen 6e-4 / 5e-3.
 ATTENTION_TOL = {
-    torch.float32: (1e-5, 1e-5),
+    torch.float32: (3e-5, 3e-5),
     torch.float16: (1e-2, 1e-2),
     torch.bfloat16: (2e-2, 2e-2),
 }

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# On a CUDA machine: run the attention-kernel tests on the GPU, then measure decode attention
+# bandwidth as a fraction of the device's peak (benchmarks/gpu_bandwidth.py).
+#
+#   benchmarks/gpu.sh            # results in $OUT if set, else benchmarks/gpu_results/
+#   PYTHON=/path/to/python benchmarks/gpu.sh
+#
+# Uses $PYTHON (default python3) when it imports a CUDA torch and triton; otherwise makes a venv
+# in $TMPDIR and pip-installs torch and triton (needs the network). Budget: under 5 minutes on
+# an H200 (tests <= 140 s, bandwidth <= 110 s, a fresh torch install ~1 min).
+# Exit status: non-zero when the tests or the measurement failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT_DIR="${OUT:-benchmarks/gpu_results}"
+mkdir -p "$OUT_DIR"
+LOG="$OUT_DIR/gpu_log.txt"
+log() { echo "[gpu.sh $(date +%H:%M:%S)] $*" | tee -a "$LOG"; }
+
+if ! nvidia-smi -L > /dev/null 2>&1; then
+    log "no NVIDIA GPU visible (nvidia-smi -L failed): nothing to measure; the CPU tests are 'make test'"
+    exit 3
+fi
+
+PY="${PYTHON:-python3}"
+if ! "$PY" -c "import torch, triton; assert torch.cuda.is_available()" 2>/dev/null; then
+    VENV="${TMPDIR:-/tmp}/pagedlm-gpu-venv"
+    log "$PY lacks a CUDA torch or triton: installing both into $VENV"
+    "$PY" -m venv "$VENV" && PY="$VENV/bin/python"
+    "$PY" -m pip install -q --upgrade pip
+    if ! "$PY" -m pip install -q torch triton; then
+        log "pip install torch triton failed (no network?); cannot continue"
+        exit 2
+    fi
+fi
+if ! "$PY" -c "import hypothesis, pytest" 2>/dev/null; then
+    "$PY" -m pip install -q hypothesis pytest || log "pip install hypothesis pytest failed: tests will not run"
+fi
+# The project is used from this checkout (PYTHONPATH), not installed; its other runtime deps
+# are only needed if its package imports pull them in.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if ! "$PY" -c "import fast.attention, ref.paged_reference, conformance.compare" 2>>"$LOG"; then
+    log "importing the project failed; trying pip install -e ."
+    "$PY" -m pip install -q -e . || log "pip install -e . failed"
+fi
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" 2>&1 | tee -a "$LOG"
+nvidia-smi > "$OUT_DIR/nvidia_smi.txt" 2>&1 || true
+
+log "kernel tests on the GPU (ci profile)"
+HYPOTHESIS_PROFILE=ci timeout 140 "$PY" -m pytest -q -p no:cacheprovider \
+    tests/test_attention_triton.py tests/test_store_kv.py tests/test_attention_api.py \
+    2>&1 | tee "$OUT_DIR/gpu_tests.txt"
+tests_rc=${PIPESTATUS[0]}
+log "tests exit status $tests_rc"
+
+log "decode bandwidth"
+timeout 110 "$PY" benchmarks/gpu_bandwidth.py --out "$OUT_DIR" 2>&1 | tee "$OUT_DIR/gpu_bandwidth.txt"
+bench_rc=${PIPESTATUS[0]}
+log "bandwidth exit status $bench_rc; report: $OUT_DIR/gpu_bandwidth.md"
+
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

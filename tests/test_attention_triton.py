@@ -1,0 +1,80 @@
+"""The Triton paged-attention kernels against the dense reference: on a GPU, else in the interpreter.
+
+Without CUDA, TRITON_INTERPRET=1 is set here, before anything imports the kernel module (triton
+reads it when `@triton.jit` runs). The interpreter is slow, so batches are small unless the
+Hypothesis profile is `deep` or a GPU is present.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import given  # noqa: E402
+
+from fast.attention import get_backend  # noqa: E402
+from fast.attention.triton_backend import TritonAttentionBackend  # noqa: E402
+from tests.test_attention_cases import (  # noqa: E402
+    BatchSpec,
+    CaseLimits,
+    SequenceSpec,
+    batch_specs,
+    build_batch,
+    check_backend_matches_reference,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ON_GPU = DEVICE == "cuda"
+PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "dev")
+# Split-KV is meant for decode: a forced split on prefill rows multiplies the interpreter's work,
+# so off the GPU it is drawn on decode batches (plus one fixed mixed batch below).
+if ON_GPU or PROFILE == "deep":
+    LIMITS = SPLIT_LIMITS = CaseLimits()
+elif PROFILE == "ci":
+    LIMITS = CaseLimits(max_seq_len=96, max_seqs=3, max_kv_heads=2)
+    SPLIT_LIMITS = CaseLimits(max_seq_len=200, max_seqs=3, max_kv_heads=1, kinds=("decode",))
+else:
+    LIMITS = CaseLimits(max_seq_len=160, max_seqs=4, max_kv_heads=2)
+    SPLIT_LIMITS = CaseLimits(max_seq_len=400, max_seqs=4, max_kv_heads=2, kinds=("decode",))
+
+
+@given(batch_specs(LIMITS))
+def test_triton_backend_matches_dense_reference(spec: BatchSpec) -> None:
+    """Mixed batches over random block tables equal the dense oracle; unused slots hold NaN."""
+    batch = build_batch(spec, DEVICE, unused_fill=float("nan"))
+    check_backend_matches_reference(TritonAttentionBackend(DEVICE), batch)
+
+
+@given(batch_specs(SPLIT_LIMITS))
+def test_triton_split_kv_matches_dense_reference(spec: BatchSpec) -> None:
+    """Forcing split-KV (4 segments, some of them empty for short contexts) changes nothing."""
+    batch = build_batch(spec, DEVICE, unused_fill=float("nan"))
+    check_backend_matches_reference(TritonAttentionBackend(DEVICE, num_kv_splits=4), batch)
+
+
+def test_triton_split_kv_on_a_mixed_batch() -> None:
+    """A forced split also holds for prefill chunks and fresh prefills beside a decode."""
+    spec = BatchSpec(
+        dtype=torch.float32, block_size=16, num_kv_heads=2, group=4, head_dim=32, num_blocks=12,
+        sliding_window=None, q_gain=1.0,
+        seqs=(SequenceSpec(5, 40, (7, 2, 9)), SequenceSpec(1, 33, (0, 11, 4)), SequenceSpec(17, 17, (5, 1))),
+        seed=3,
+    )
+    batch = build_batch(spec, DEVICE, unused_fill=float("nan"))
+    check_backend_matches_reference(TritonAttentionBackend(DEVICE, num_kv_splits=2), batch)
+
+
+def test_get_backend_triton_and_auto() -> None:
+    assert isinstance(get_backend("triton", DEVICE), TritonAttentionBackend)
+    assert get_backend("auto", DEVICE).name == ("triton" if ON_GPU else "torch")
+
+
+@pytest.mark.parametrize("splits", [0, 3, 32])
+def test_triton_rejects_bad_split_count(splits: int) -> None:
+    with pytest.raises(ValueError, match="num_kv_splits"):
+        TritonAttentionBackend(DEVICE, num_kv_splits=splits)
