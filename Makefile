@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine with Python 3.11:
-#   make run   - the main job (a generation demo on the embedded tiny model, later the conformance suite)
+#   make run   - the main job: the conformance suite (quick) against fast on the embedded tiny model
 #   make test  - the project's tests (the `ci` Hypothesis profile)
 PYTHON ?= python3
 VENV := .venv
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m ref.demo
+	$(PY) -m conformance
 
 test: $(STAMP)
 	HYPOTHESIS_PROFILE=$(HYPOTHESIS_PROFILE) $(PY) -m pytest -q -n 2 tests benchmarks --benchmark-disable
