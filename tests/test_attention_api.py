@@ -10,7 +10,7 @@ import torch
 from hypothesis import given
 
 from fast.attention import AttentionMetadata, TorchAttentionBackend, get_backend
-from tests.test_attention_cases import BatchSpec, batch_specs
+from conformance.kernels import BatchSpec, batch_specs
 
 
 def test_get_backend_auto_on_cpu_is_torch() -> None:

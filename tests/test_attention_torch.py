@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from conformance.compare import ATTENTION_TOL, assert_close
 from fast.attention import AttentionMetadata, TorchAttentionBackend
-from tests.test_attention_cases import BatchSpec, batch_specs, build_batch, check_backend_matches_reference
+from conformance.kernels import BatchSpec, batch_specs, build_batch, check_backend_matches_reference
 
 
 @given(batch_specs())

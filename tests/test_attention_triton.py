@@ -19,7 +19,7 @@ from hypothesis import given  # noqa: E402
 
 from fast.attention import get_backend  # noqa: E402
 from fast.attention.triton_backend import TritonAttentionBackend  # noqa: E402
-from tests.test_attention_cases import (  # noqa: E402
+from conformance.kernels import (  # noqa: E402
     BatchSpec,
     CaseLimits,
     SequenceSpec,
@@ -78,3 +78,21 @@ def test_get_backend_triton_and_auto() -> None:
 def test_triton_rejects_bad_split_count(splits: int) -> None:
     with pytest.raises(ValueError, match="num_kv_splits"):
         TritonAttentionBackend(DEVICE, num_kv_splits=splits)
+
+
+def test_engine_runs_on_the_triton_backend(tiny_model_dir) -> None:
+    """The whole fast engine with Triton attention (interpreted on CPU) equals the oracle."""
+    from conformance.compare import check_request_outputs
+    from fast import LLM, SamplingParams
+    from ref import LLM as RefLLM
+
+    prompts = [{"prompt_token_ids": list(range(5, 5 + n))} for n in (3, 17, 9)]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    llm = LLM(tiny_model_dir, attention_backend="triton", device=DEVICE, max_model_len=64, block_size=8,
+              max_num_batched_tokens=16, max_num_seqs=4)
+    assert llm.llm_engine.runner.backend.name == "triton"
+    got = llm.generate(prompts, params, use_tqdm=False)
+    oracle = RefLLM(tiny_model_dir, max_model_len=64)
+    e = oracle.llm_engine
+    check_request_outputs(e.model, e.model_config.eos_token_ids,
+                          [(p["prompt_token_ids"], params) for p in prompts], oracle.generate(prompts, params), got)
