@@ -1,0 +1,385 @@
+"""The OpenAI wire format: request bodies -> (prompts, SamplingParams), outputs -> response JSON.
+
+Requests are parsed strictly (wrong JSON types and unknown fields are errors, as OpenAI does);
+every error becomes an `OpenAIError` whose body names the offending field:
+
+    {"error": {"message": ..., "type": "invalid_request_error", "param": <field>, "code": null}}
+
+Sampling fields map one-to-one onto `SamplingParams` (OpenAI: max_tokens, temperature, top_p, n,
+stop, seed, logprobs, presence_penalty, frequency_penalty; vLLM's extras: top_k, min_p,
+repetition_penalty, ignore_eos, min_tokens, stop_token_ids, skip_special_tokens,
+include_stop_str_in_output), so the server samples exactly what `fast.LLM.generate` would.
+A JSON `null` means "the default".
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ref.outputs import CompletionOutput, Logprob, RequestOutput
+from ref.sampling_params import SamplingParams
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat: until max_model_len
+
+
+class OpenAIError(Exception):
+    """An error response: HTTP `status` and OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 type: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# ---------------------------------------------------------------------------------- request bodies
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool | None = None
+
+
+class _SamplingRequest(_Strict):
+    """Fields shared by both endpoints; None = not given."""
+
+    model: str | None = None  # None: the served model
+    n: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # vLLM's extras
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool | None = None
+    min_tokens: int | None = None
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
+    priority: int | None = None
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = COMPLETIONS_DEFAULT_MAX_TOKENS  # null: until max_model_len (as vLLM)
+    logprobs: int | None = None
+    echo: bool | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage]
+    max_tokens: int | None = None  # None: until max_model_len
+    max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+
+# A union field's errors come one per alternative; say once what the field accepts instead.
+_FIELD_SHAPES = {
+    "prompt": "a string, a list of strings, a list of token ids, or a list of token-id lists",
+    "stop": "a string or a list of strings",
+}
+
+
+def parse_request(model_cls: type[_Strict], raw: bytes):
+    """Validate a raw JSON body; an OpenAIError names the first bad field."""
+    try:
+        return model_cls.model_validate_json(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = err["loc"]
+        if err["type"] == "json_invalid":
+            raise OpenAIError(400, f"malformed JSON body: {err['msg']}") from None
+        if not loc:
+            raise OpenAIError(400, f"the request body must be a JSON object: {err['msg']}") from None
+        param = str(loc[0])
+        if err["type"] == "extra_forbidden":
+            raise OpenAIError(400, f"unrecognized request argument: {param}", param) from None
+        if err["type"] == "missing":
+            raise OpenAIError(400, f"{param} is required", param) from None
+        if param == "messages" and len(loc) > 1 and isinstance(loc[1], int):
+            param = f"messages[{loc[1]}]"
+        shape = _FIELD_SHAPES.get(str(loc[0]))
+        msg = f"Input should be {shape}" if shape else err["msg"]
+        raise OpenAIError(400, f"{param}: {msg}, got {err.get('input')!r}", param) from None
+
+
+def _or(value, default):
+    return default if value is None else value
+
+
+def _unsupported(req: BaseModel, name: str, ok: bool) -> None:
+    if not ok:
+        raise OpenAIError(400, f"{name} is not supported by this server, got {getattr(req, name)!r}", name)
+
+
+def _common_params(req: _SamplingRequest) -> dict[str, Any]:
+    _unsupported(req, "logit_bias", not req.logit_bias)
+    if req.stream_options is not None and not req.stream:
+        raise OpenAIError(400, "stream_options is only allowed when stream is true", "stream_options")
+    return dict(
+        n=_or(req.n, 1), temperature=_or(req.temperature, 1.0), top_p=_or(req.top_p, 1.0),
+        top_k=_or(req.top_k, 0), min_p=_or(req.min_p, 0.0), seed=req.seed,
+        presence_penalty=_or(req.presence_penalty, 0.0), frequency_penalty=_or(req.frequency_penalty, 0.0),
+        repetition_penalty=_or(req.repetition_penalty, 1.0), stop=req.stop, stop_token_ids=req.stop_token_ids,
+        ignore_eos=_or(req.ignore_eos, False), min_tokens=_or(req.min_tokens, 0),
+        skip_special_tokens=_or(req.skip_special_tokens, True),
+        include_stop_str_in_output=_or(req.include_stop_str_in_output, False),
+    )
+
+
+def _make_params(fields: dict[str, Any], renames: dict[str, str]) -> SamplingParams:
+    try:
+        return SamplingParams(**fields)
+    except ValueError as e:
+        raise value_error(e, renames) from None
+
+
+def completion_params(req: CompletionRequest) -> SamplingParams:
+    _unsupported(req, "echo", not req.echo)
+    _unsupported(req, "suffix", req.suffix is None)
+    n = _or(req.n, 1)
+    if req.best_of is not None and req.best_of != n:
+        raise OpenAIError(400, f"best_of must be None or equal to n ({n}), got {req.best_of}", "best_of")
+    return _make_params({**_common_params(req), "max_tokens": req.max_tokens, "logprobs": req.logprobs},
+                        COMPLETION_RENAMES)
+
+
+def chat_params(req: ChatCompletionRequest) -> SamplingParams:
+    if req.top_logprobs is not None and not req.logprobs:
+        raise OpenAIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
+    logprobs = _or(req.top_logprobs, 0) if req.logprobs else None
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    return _make_params({**_common_params(req), "max_tokens": max_tokens, "logprobs": logprobs}, CHAT_RENAMES)
+
+
+def completion_prompts(req: CompletionRequest) -> list[str | dict]:
+    """Engine prompts: a string, or {"prompt_token_ids": [...]}; a list gives one prompt each."""
+    p = req.prompt
+    if isinstance(p, str):
+        return [p]
+    if p and isinstance(p[0], list):
+        return [{"prompt_token_ids": ids} for ids in p]
+    if p and isinstance(p[0], str):
+        return list(p)
+    return [{"prompt_token_ids": list(p)}]
+
+
+# Engine/SamplingParams field names -> the request field a client should fix.
+COMPLETION_RENAMES = {"prompt_token_ids": "prompt", "sampling_params": None, "request_id": None}
+CHAT_RENAMES = {"prompt": "messages", "prompt_token_ids": "messages", "logprobs": "top_logprobs",
+                "sampling_params": None, "request_id": None}
+_LEADING_NAME = re.compile(r"^([a-z_]+)")
+
+
+def value_error(e: ValueError, renames: dict[str, str | None]) -> OpenAIError:
+    """A ValueError from SamplingParams / the engine ("<field> must be ...") as a 400."""
+    msg = str(e)
+    m = _LEADING_NAME.match(msg)
+    name = m.group(1) if m else None
+    param = renames.get(name, name) if name in renames or name in _REQUEST_FIELDS else None
+    return OpenAIError(400, msg, param)
+
+
+_REQUEST_FIELDS = set(CompletionRequest.model_fields) | set(ChatCompletionRequest.model_fields)
+
+
+# ---------------------------------------------------------------------------------- responses
+def usage(outputs: list[RequestOutput]) -> dict:
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _token_str(token_id: int, lp: Logprob) -> str:
+    return lp.decoded_token if lp.decoded_token is not None else f"token_id:{token_id}"
+
+
+def _by_rank(entry: dict[int, Logprob]) -> list[tuple[int, Logprob]]:
+    return sorted(entry.items(), key=lambda kv: kv[1].rank)
+
+
+def completion_logprobs(token_ids: list[int], entries: list[dict[int, Logprob]], text_offset: int = 0) -> dict:
+    """OpenAI's legacy shape; text_offset counts characters from the start of the completion."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for tid, entry in zip(token_ids, entries):
+        tok = _token_str(tid, entry[tid])
+        out["tokens"].append(tok)
+        out["token_logprobs"].append(entry[tid].logprob)
+        out["top_logprobs"].append({_token_str(t, lp): lp.logprob for t, lp in _by_rank(entry)})
+        out["text_offset"].append(text_offset)
+        text_offset += len(tok)
+    return out
+
+
+def chat_logprobs(token_ids: list[int], entries: list[dict[int, Logprob]], top_k: int) -> dict:
+    """{"content": [{token, logprob, bytes, top_logprobs: the top_k by rank}]}."""
+    def item(t: int, lp: Logprob) -> dict:
+        tok = _token_str(t, lp)
+        return {"token": tok, "logprob": lp.logprob, "bytes": list(tok.encode("utf-8"))}
+
+    content = []
+    for tid, entry in zip(token_ids, entries):
+        top = [item(t, lp) for t, lp in _by_rank(entry) if lp.rank <= top_k]
+        content.append({**item(tid, entry[tid]), "top_logprobs": top})
+    return {"content": content}
+
+
+@dataclass(frozen=True)
+class ResponseMeta:
+    """What every response object of one API call shares."""
+
+    id: str
+    model: str
+    n: int
+    logprobs: int | None  # the SamplingParams.logprobs asked for
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def completion_response(meta: ResponseMeta, outputs: list[RequestOutput]) -> dict:
+    choices = []
+    for i, out in enumerate(outputs):
+        for c in out.outputs:
+            lps = completion_logprobs(c.token_ids, c.logprobs) if c.logprobs is not None else None
+            choices.append({"index": i * meta.n + c.index, "text": c.text, "logprobs": lps,
+                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+    return {"id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
+            "choices": choices, "usage": usage(outputs)}
+
+
+def chat_response(meta: ResponseMeta, output: RequestOutput) -> dict:
+    choices = []
+    for c in output.outputs:
+        lps = chat_logprobs(c.token_ids, c.logprobs, meta.logprobs) if c.logprobs is not None else None
+        choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
+                        "logprobs": lps, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+    return {"id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
+            "choices": choices, "usage": usage([output])}
+
+
+# ---------------------------------------------------------------------------------- streaming
+@dataclass(frozen=True)
+class ChoiceDelta:
+    """What one choice adds in a stream chunk."""
+
+    index: int
+    text: str
+    token_ids: list[int]  # tokens new since the previous chunk of this choice
+    logprobs: list[dict[int, Logprob]] | None  # theirs; None when not asked for
+    text_offset: int  # characters of the logprob tokens already sent (legacy completions logprobs)
+    finish_reason: str | None
+    stop_reason: int | str | None
+
+
+class StreamedChoice:
+    """What one choice has sent so far in a stream, and the next safe delta.
+
+    A running output's text is not final: its last characters may be an incomplete UTF-8
+    character (decoded as U+FFFD) or the start of a stop string that will be cut off. So until the
+    choice finishes, the delta stops short of
+        - trailing U+FFFD characters,
+        - the last (longest stop string - 1) characters, when stop strings are set,
+    and, while fewer than `min_tokens` tokens exist (stop strings are not checked yet, so a later
+    check may cut anywhere), no text is sent at all. The concatenated deltas then equal the final
+    `text` exactly.
+    """
+
+    def __init__(self, index: int, params: SamplingParams):
+        self.index = index
+        self._hold = max((len(s) for s in params.stop), default=1) - 1
+        self._min_tokens = params.min_tokens if params.stop else 0
+        self.text = ""  # sent so far
+        self.num_tokens = 0  # tokens covered by the chunks sent so far
+        self.text_offset = 0
+        self.done = False
+
+    def next_text(self, c: CompletionOutput) -> str:
+        """The text delta that is safe to send now (and mark it sent)."""
+        if c.finish_reason is not None:
+            target = c.text
+        elif len(c.token_ids) < self._min_tokens:
+            target = self.text
+        else:
+            target = c.text[: len(c.text) - self._hold] if self._hold else c.text
+            target = target.rstrip("\ufffd")
+        if not target.startswith(self.text):  # cannot unsend; see the class docstring
+            return ""
+        delta = target[len(self.text):]
+        self.text = target
+        return delta
+
+    def delta(self, c: CompletionOutput) -> ChoiceDelta | None:
+        """The next chunk's part for this choice; None when there is nothing to send."""
+        if self.done:
+            return None
+        text = self.next_text(c)
+        ids = c.token_ids[self.num_tokens:]
+        lps = c.logprobs[self.num_tokens:] if c.logprobs is not None else None
+        if not text and c.finish_reason is None and not (lps and ids):
+            return None
+        d = ChoiceDelta(self.index, text, ids, lps, self.text_offset, c.finish_reason, c.stop_reason)
+        if lps is not None:
+            self.text_offset += sum(len(_token_str(t, e[t])) for t, e in zip(ids, lps))
+        self.num_tokens, self.done = len(c.token_ids), c.finish_reason is not None
+        return d
+
+
+def completion_chunk_choice(d: ChoiceDelta) -> dict:
+    lps = completion_logprobs(d.token_ids, d.logprobs, d.text_offset) if d.logprobs is not None else None
+    return {"index": d.index, "text": d.text, "logprobs": lps, "finish_reason": d.finish_reason,
+            "stop_reason": d.stop_reason}
+
+
+def chat_chunk_choice(d: ChoiceDelta, top_logprobs: int | None) -> dict:
+    lps = chat_logprobs(d.token_ids, d.logprobs, top_logprobs) if d.logprobs is not None else None
+    delta = {"content": d.text} if d.text or d.finish_reason is None else {}
+    return {"index": d.index, "delta": delta, "logprobs": lps, "finish_reason": d.finish_reason,
+            "stop_reason": d.stop_reason}
+
+
+def chat_role_choice(index: int) -> dict:
+    """The first chunk of a chat choice, as OpenAI sends it."""
+    return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+
+
+def chunk(meta: ResponseMeta, obj: str, choices: list[dict], include_usage: bool) -> dict:
+    """A stream chunk; with include_usage every chunk has "usage" (null until the last), as OpenAI."""
+    out = {"id": meta.id, "object": obj, "created": meta.created, "model": meta.model, "choices": choices}
+    if include_usage:
+        out["usage"] = None
+    return out
+
+
+def sse(data: dict | str) -> str:
+    """One server-sent event."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"

@@ -1,0 +1,250 @@
+"""AsyncLLMEngine: same outputs as fast.LLM, cumulative streaming, validation, abort frees blocks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+from hypothesis import given, note, strategies as st
+
+from fast import LLM, LLMEngine, SamplingParams
+from fast.async_engine import AsyncLLMEngine, EngineDeadError, NewRequest, RequestStats
+from fast.config import EngineConfig
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+OPTIONS = dict(max_num_seqs=8, max_model_len=256, block_size=8, num_kv_blocks=96)
+WAIT_S = 10.0  # bound on "soon": an abort is applied before the next step
+
+PROMPTS = ["Once upon a time", "The engine reads a request", "def add(a, b):", "Rivers flow to the ocean"]
+PARAMS = [
+    SamplingParams(temperature=0, max_tokens=12),
+    SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=10, logprobs=2),
+    SamplingParams(temperature=1.0, top_k=20, min_p=0.05, seed=1, n=2, max_tokens=9, stop=[" the"]),
+    SamplingParams(temperature=0.7, seed=3, repetition_penalty=1.2, presence_penalty=0.5, max_tokens=11),
+]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    return LLMEngine(EngineConfig.from_options(tiny_model_dir, OPTIONS))
+
+
+@pytest.fixture(scope="module")
+def oracle(tiny_model_dir):
+    """fast.LLM with the same options: what the async engine must reproduce."""
+    return LLM(tiny_model_dir, **OPTIONS)
+
+
+@pytest.fixture
+def aengine(engine):
+    """A fresh async front per test over the shared engine; checks the test left the engine idle
+    with as many free blocks as it found (so a leak fails the test that caused it, only)."""
+    free_before = engine.kv.num_free_blocks
+    front = AsyncLLMEngine(engine)
+    yield front
+    front.check_invariants()
+    assert not engine.has_unfinished_requests(), "requests left in the engine"
+    assert engine.kv.num_free_blocks == free_before, (
+        f"KV blocks leaked: {engine.kv.num_free_blocks} free after the test, {free_before} before")
+    engine.kv.check_invariants()
+
+
+def assert_same_output(got, expected, name: str) -> None:
+    assert len(got.outputs) == len(expected.outputs), f"{name}: sample count"
+    for g, e in zip(got.outputs, expected.outputs):
+        for field in ("token_ids", "text", "finish_reason", "stop_reason", "cumulative_logprob", "logprobs"):
+            assert getattr(g, field) == getattr(e, field), (
+                f"{name} sample {g.index}: {field} differs: async={getattr(g, field)!r} llm={getattr(e, field)!r}")
+
+
+async def collect(aengine: AsyncLLMEngine, prompt, params, rid: str) -> list:
+    return [out async for out in aengine.generate(prompt, params, rid)]
+
+
+async def wait_until(cond, what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + WAIT_S
+    while not cond():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"not within {WAIT_S}s: {what}")
+        await asyncio.sleep(0.01)
+
+
+def test_concurrent_generate_equals_llm(aengine, oracle):
+    """Requests started together are batched as LLM.generate batches them: identical outputs."""
+    async def main():
+        return await asyncio.gather(*(collect(aengine, p, sp, f"r{i}")
+                                      for i, (p, sp) in enumerate(zip(PROMPTS, PARAMS))))
+
+    streams = asyncio.run(main())
+    expected = oracle.generate(PROMPTS, PARAMS, use_tqdm=False)
+    for i, (outs, exp) in enumerate(zip(streams, expected)):
+        assert [o.finished for o in outs] == [False] * (len(outs) - 1) + [True], f"r{i}: finished flags"
+        assert all(o.request_id == f"r{i}" for o in outs)
+        assert_same_output(outs[-1], exp, f"r{i}")
+
+
+def test_outputs_are_cumulative(aengine):
+    """Each output extends the previous one, token by token."""
+    outs = asyncio.run(collect(aengine, PROMPTS[0], SamplingParams(temperature=0, max_tokens=8), "c"))
+    ids = [o.outputs[0].token_ids for o in outs]
+    for prev, cur in zip(ids, ids[1:]):
+        assert cur[: len(prev)] == prev and len(cur) > len(prev), f"not cumulative: {prev} -> {cur}"
+    assert len(ids[-1]) == 8 and outs[-1].outputs[0].finish_reason == "length"
+
+
+def test_sequential_runs_on_new_event_loops(aengine, oracle):
+    """One async engine serves several asyncio.run calls in a row (the loop is re-bound)."""
+    for i in range(2):
+        params = SamplingParams(seed=11 + i, max_tokens=6)
+        got = asyncio.run(collect(aengine, PROMPTS[1], params, f"s{i}"))[-1]
+        assert_same_output(got, oracle.generate(PROMPTS[1], params, use_tqdm=False)[0], f"s{i}")
+
+
+def test_bad_request_rejected_before_anything_is_queued(aengine, engine):
+    async def main():
+        good = NewRequest("ok", PROMPTS[0], SamplingParams(max_tokens=4))
+        too_long = NewRequest("long", {"prompt_token_ids": [5] * 300}, SamplingParams())
+        with pytest.raises(ValueError, match="prompt length must be <= max_model_len"):
+            await aengine.add_requests([good, too_long])
+        assert not engine.has_unfinished_requests() and aengine.num_in_flight == 0
+        with pytest.raises(ValueError, match="logprobs must be <= max_logprobs"):
+            await collect(aengine, PROMPTS[0], SamplingParams(logprobs=21), "lp")
+        with pytest.raises(ValueError, match="request_id must be unique"):
+            await aengine.add_requests([good, good])
+        stream = await aengine.add_requests([good])
+        await aengine.between_steps(aengine.check_invariants)
+        with pytest.raises(ValueError, match="already in use"):
+            await aengine.add_requests([good])
+        async with stream:
+            outs = [o async for batch in stream for o in batch]
+        assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "length"
+
+    asyncio.run(main())
+
+
+def test_closing_the_iterator_aborts_and_frees_blocks(aengine, engine):
+    async def main():
+        params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+        gen = aengine.generate(PROMPTS[2], params, "long")
+        first = await gen.__anext__()
+        assert not first.finished
+        assert engine.kv.num_free_blocks < engine.num_blocks
+        await gen.aclose()
+        await wait_until(lambda: not engine.has_unfinished_requests(), "request aborted in the engine")
+
+    asyncio.run(main())
+
+
+def test_cancelling_the_consumer_task_aborts(aengine, engine):
+    async def main():
+        started = asyncio.Event()
+
+        async def consume():
+            async for _ in aengine.generate(PROMPTS[3], SamplingParams(max_tokens=200, ignore_eos=True, seed=0), "t"):
+                started.set()
+
+        task = asyncio.create_task(consume())
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await wait_until(lambda: not engine.has_unfinished_requests(), "request aborted in the engine")
+
+    asyncio.run(main())
+
+
+def test_external_abort_ends_the_stream_with_abort(aengine):
+    async def main():
+        outs = []
+        async for out in aengine.generate(PROMPTS[0], SamplingParams(n=2, seed=4, max_tokens=200), "x"):
+            outs.append(out)
+            if len(outs) == 2:
+                aengine.abort("x")
+        return outs
+
+    outs = asyncio.run(main())
+    last = outs[-1]
+    assert last.finished and len(outs) == 3
+    assert [c.finish_reason for c in last.outputs] == ["abort", "abort"]
+    assert last.outputs[0].token_ids[: len(outs[1].outputs[0].token_ids)] == outs[1].outputs[0].token_ids
+
+
+def test_finish_listener_reports_each_request_once(aengine):
+    seen: list[RequestStats] = []
+    aengine.add_finish_listener(seen.append)
+
+    async def main():
+        await collect(aengine, PROMPTS[0], SamplingParams(temperature=0, max_tokens=5), "a")
+        gen = aengine.generate(PROMPTS[1], SamplingParams(seed=2, max_tokens=100), "b")
+        await gen.__anext__()
+        await gen.aclose()
+
+    asyncio.run(main())
+    assert [(s.request_id, s.finish_reason) for s in seen] == [("a", "length"), ("b", "abort")]
+    a = seen[0]
+    assert a.num_generation_tokens == 5 and a.num_prompt_tokens > 0
+    assert a.ttft_s is not None and a.ttft_s >= 0 and a.tpot_s is not None and a.tpot_s >= 0
+
+
+def test_a_failing_step_fails_every_stream(engine):
+    aengine = AsyncLLMEngine(engine)
+
+    def broken_step():
+        raise RuntimeError("boom")
+
+    async def main():
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(engine, "step", broken_step)
+            with pytest.raises(EngineDeadError, match="boom"):
+                await collect(aengine, PROMPTS[0], SamplingParams(max_tokens=4), "dead")
+        assert not aengine.is_running
+        with pytest.raises(EngineDeadError):
+            await aengine.add_requests([NewRequest("again", PROMPTS[0], SamplingParams())])
+
+    free_before = engine.kv.num_free_blocks
+    asyncio.run(main())
+    engine.abort_request("dead")  # the engine itself is fine; a new front may use it
+    assert engine.kv.num_free_blocks == free_before
+
+
+@given(plan=st.lists(st.tuples(st.integers(1, 12), st.one_of(st.none(), st.integers(0, 4))),
+                     min_size=1, max_size=10))
+def test_random_aborts_leave_nothing_behind(engine, oracle, plan):
+    """Requests abandoned after k outputs are aborted; the rest finish exactly as LLM.generate."""
+    note(f"plan (max_tokens, abandon after k outputs or None): {plan}")
+    free_before = engine.kv.num_free_blocks
+    aengine = AsyncLLMEngine(engine)
+    stats: list[RequestStats] = []
+    aengine.add_finish_listener(stats.append)
+
+    async def run(i: int, max_tokens: int, abandon_after: int | None):
+        params = SamplingParams(seed=i, max_tokens=max_tokens, ignore_eos=True)
+        outs = []
+        async for out in aengine.generate(PROMPTS[i % len(PROMPTS)], params, f"h{i}"):
+            outs.append(out)
+            await aengine.between_steps(aengine.check_invariants)
+            if abandon_after is not None and len(outs) > abandon_after:
+                break
+        return outs
+
+    async def main():
+        results = await asyncio.gather(*(run(i, m, k) for i, (m, k) in enumerate(plan)))
+        await wait_until(lambda: not engine.has_unfinished_requests(), "aborts applied")
+        await aengine.between_steps(aengine.check_invariants)
+        return results
+
+    results = asyncio.run(main())
+    assert engine.kv.num_free_blocks == free_before, "KV blocks leaked"
+    engine.kv.check_invariants()
+    assert sorted(s.request_id for s in stats) == sorted(f"h{i}" for i in range(len(plan))), "one report each"
+    for i, ((max_tokens, k), outs) in enumerate(zip(plan, results)):
+        if outs[-1].finished:
+            c = outs[-1].outputs[0]
+            assert len(c.token_ids) == max_tokens and c.finish_reason == "length", f"h{i}: {c}"
+            expected = oracle.generate(PROMPTS[i % len(PROMPTS)], SamplingParams(seed=i, max_tokens=max_tokens,
+                                                                                 ignore_eos=True), use_tqdm=False)
+            assert c.token_ids == expected[0].outputs[0].token_ids, f"h{i}: tokens differ from LLM.generate"
+        else:
+            assert k is not None and len(outs) == k + 1, f"h{i}: stopped early without being abandoned"
