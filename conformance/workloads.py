@@ -63,12 +63,17 @@ def sampling_params_strategy(draw, max_tokens: int = 16, vocab: int = 512, allow
 def workloads(draw, vocab: int = 512, max_requests: int = 40, max_prompt_len: int = 80,
               max_tokens: int = 16, max_abort_step: int = 30, allow_stop_strings: bool = True):
     token = st.integers(3, vocab - 1)
-    prefixes = draw(st.lists(st.lists(token, min_size=1, max_size=max_prompt_len // 2), min_size=1, max_size=3))
+
+    def tokens(lo: int, hi: int) -> list[int]:
+        n = draw(st.integers(lo, hi))  # lengths drawn uniformly, not Hypothesis' short-list bias
+        return draw(st.lists(token, min_size=n, max_size=n))
+
+    prefixes = [tokens(1, max_prompt_len // 2) for _ in range(draw(st.integers(1, 3)))]
     num = draw(st.integers(1, max_requests))
     prompts, params, priorities = [], [], []
     for _ in range(num):
         prefix = draw(st.sampled_from([[], *prefixes]))
-        tail = draw(st.lists(token, min_size=0 if prefix else 1, max_size=max_prompt_len - len(prefix)))
+        tail = tokens(0 if prefix else 1, max_prompt_len - len(prefix))
         prompts.append({"prompt_token_ids": prefix + tail})
         params.append(draw(sampling_params_strategy(max_tokens, vocab, allow_stop_strings)))
         priorities.append(draw(st.integers(0, 3)))
@@ -87,7 +92,8 @@ def fast_engine_options(draw, max_model_len: int = 128):
     return dict(
         max_model_len=max_model_len,
         block_size=block_size,
-        num_kv_blocks=draw(st.integers(needed, 3 * needed)),
+        # Half the time the smallest legal pool: one max-length request, so preemption is common.
+        num_kv_blocks=needed if draw(st.booleans()) else draw(st.integers(needed, 3 * needed)),
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=draw(st.integers(max(max_num_seqs, 8), 96)),
         enable_prefix_caching=draw(st.booleans()),
