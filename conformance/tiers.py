@@ -37,7 +37,7 @@ class Profile:
 
 
 PROFILES = {
-    "quick": Profile("quick", examples=4, max_requests=8, stateful_steps=25, families=True, kernel_max_seq_len=96),
+    "quick": Profile("quick", examples=12, max_requests=12, stateful_steps=25, families=True, kernel_max_seq_len=96),
     "full": Profile("full", examples=25, max_requests=24, stateful_steps=50, families=True, kernel_max_seq_len=300),
     "deep": Profile("deep", examples=200, max_requests=40, stateful_steps=100, families=True, kernel_max_seq_len=600),
 }

@@ -27,6 +27,9 @@ from ref.sequence import StopContext, draw_base_seed, make_sequences
 from ref.tokenizer import TextCodec, load_tokenizer
 
 
+MAX_LATENCY_RECORDS = 10_000
+
+
 @dataclass
 class EngineMetrics:
     num_running: int
@@ -37,7 +40,7 @@ class EngineMetrics:
     num_generated_tokens: int
     num_prompt_tokens_computed: int
     elapsed_s: float  # time spent inside step()
-    ttft_s: dict[str, float] = field(default_factory=dict)  # per finished request
+    ttft_s: dict[str, float] = field(default_factory=dict)  # per finished request (latest 10k)
     tpot_s: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -278,9 +281,13 @@ class LLMEngine:
         return outputs
 
     def _record_latency(self, group: RequestGroup) -> None:
+        """TTFT/TPOT of the latest MAX_LATENCY_RECORDS finished requests (bounded for servers)."""
         if group.first_token_time is None or group.finish_time is None:
             return
         self._ttft[group.request_id] = group.first_token_time - group.arrival_time
         n = max(len(s.seq.output_ids) for s in group.samples)
         if n > 1:
             self._tpot[group.request_id] = (group.finish_time - group.first_token_time) / (n - 1)
+        for records in (self._ttft, self._tpot):
+            while len(records) > MAX_LATENCY_RECORDS:
+                del records[next(iter(records))]  # dicts keep insertion order: drop the oldest
