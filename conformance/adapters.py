@@ -102,8 +102,8 @@ class FastAdapter:
 
 
 class HFAdapter:
-    """transformers `generate`: static batches of requests sharing the same generation settings,
-    left-padded. SamplingParams it cannot express raise NotImplementedError naming the field."""
+    """transformers `generate`, one request at a time (batch of one, so no padding effects).
+    SamplingParams it cannot express raise NotImplementedError naming the field."""
 
     name = "hf"
 
@@ -127,10 +127,25 @@ class HFAdapter:
             return prompt, self.codec.encode(prompt)
         return prompt.get("prompt"), list(prompt["prompt_token_ids"])
 
-    def _gen_kwargs(self, p: SamplingParams) -> dict:
-        for field, default in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("include_stop_str_in_output", False)):
+    UNSUPPORTED = (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("include_stop_str_in_output", False))
+
+    def unsupported(self, p: SamplingParams) -> str | None:
+        """Why this engine cannot run `p` (the suite then leaves such requests out), or None."""
+        for field, default in self.UNSUPPORTED:
             if getattr(p, field) != default:
-                raise NotImplementedError(f"{self.name} cannot express {field}={getattr(p, field)!r}")
+                return f"{self.name} cannot express {field}={getattr(p, field)!r}"
+        return None
+
+    @staticmethod
+    def comparable(p: SamplingParams) -> bool:
+        """Only greedy outputs can equal the oracle's token for token: transformers samples from
+        its own RNG stream (torch.multinomial), not SPEC §6's per-request exponential race."""
+        return p.greedy
+
+    def _gen_kwargs(self, p: SamplingParams) -> dict:
+        reason = self.unsupported(p)
+        if reason:
+            raise NotImplementedError(reason)
         stop_ids = ([] if p.ignore_eos else self.eos_ids) + list(p.stop_token_ids)
         kw = dict(max_new_tokens=p.max_tokens or 256, min_new_tokens=p.min_tokens or None,
                   do_sample=not p.greedy, num_return_sequences=p.n, repetition_penalty=p.repetition_penalty,
@@ -184,8 +199,14 @@ class HFAdapter:
                 lps.append({t: Logprob(float(lp[t]), rank(t), self.codec.token_text(t)) for t in [tok, *top]})
                 cum += float(lp[tok])
         text_ids = gen[:-1] if reason == "stop" and gen and gen[-1] in stop_ids else gen
-        return CompletionOutput(index, self.codec.decode(text_ids, p.skip_special_tokens), gen, cum, lps,
-                                reason, stop_reason)
+        text = self.codec.decode(text_ids, p.skip_special_tokens)
+        if p.stop and not stopped:  # transformers stops at a stop string but keeps it: trim as SPEC §5
+            from ref.sequence import find_stop_string
+
+            hit = find_stop_string(text, p.stop)
+            if hit is not None:
+                text, reason, stop_reason = text[: hit[0]], "stop", hit[1]
+        return CompletionOutput(index, text, gen, cum, lps, reason, stop_reason)
 
     def _prompt_logprobs(self, ids, k):
         lp = torch.log_softmax(self.model_logits(ids), -1)
@@ -204,6 +225,11 @@ class HFContinuousAdapter(HFAdapter):
 
     name = "hf-cb"
 
+    def unsupported(self, p: SamplingParams) -> str | None:
+        if p.logprobs is not None or p.prompt_logprobs is not None or p.stop or p.n > 1:
+            return f"{self.name}: logprobs, prompt_logprobs, stop strings and n > 1 are not supported"
+        return super().unsupported(p)
+
     def generate(self, prompts, params):
         from transformers import GenerationConfig
 
@@ -216,8 +242,6 @@ class HFContinuousAdapter(HFAdapter):
         outs: list[RequestOutput | None] = [None] * len(batch)
         for members in groups.values():
             p = batch[members[0]][1]
-            if p.logprobs is not None or p.prompt_logprobs is not None or p.stop or p.n > 1:
-                raise NotImplementedError(f"{self.name}: logprobs, stop strings and n > 1 are not supported")
             kw = self._gen_kwargs(p)
             kw.pop("num_return_sequences")
             kw["eos_token_id"] = kw["eos_token_id"] or -1
