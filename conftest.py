@@ -1,4 +1,4 @@
-"""Hypothesis profiles: `ci` (modest, the default for `make test`), `dev`, `deep` (long runs).
+"""Shared by tests/ and benchmarks/: Hypothesis profiles `ci` (modest, `make test`), `dev`, `deep`, and fixtures.
 
 Select with HYPOTHESIS_PROFILE=ci|dev|deep.
 """
