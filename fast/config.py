@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+
+from ref.config import config_from_options
 
 from ref.sampling_params import MAX_SEED
 
@@ -48,8 +50,4 @@ class EngineConfig:
 
     @classmethod
     def from_options(cls, model: str, options: dict) -> "EngineConfig":
-        allowed = {f.name for f in fields(cls)} - {"model"}
-        unknown = set(options) - allowed
-        if unknown:
-            raise ValueError(f"unknown engine option(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
-        return cls(model=str(model), **options)
+        return config_from_options(cls, model, options)

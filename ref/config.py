@@ -9,8 +9,17 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+def config_from_options(cls, model: str, options: dict):
+    """`cls(model=model, **options)` for an engine-config dataclass; unknown keys are errors."""
+    allowed = {f.name for f in fields(cls)} - {"model"}
+    unknown = set(options) - allowed
+    if unknown:
+        raise ValueError(f"unknown engine option(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+    return cls(model=str(model), **options)
+
 
 # model_type -> the family rules the decoder applies (see ref/model.py).
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")

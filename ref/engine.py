@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 
+from ref.config import config_from_options
 from ref.inputs import ProcessedPrompt, RequestLimits, process_prompt, validate_request
 from ref.model import KVCache, load_model
 from ref.outputs import PromptLogprobs, RequestOutput
@@ -48,11 +49,7 @@ class EngineConfig:
 
     @classmethod
     def from_options(cls, model: str, options: dict) -> "EngineConfig":
-        allowed = {f.name for f in fields(cls)} - {"model"}
-        unknown = set(options) - allowed
-        if unknown:
-            raise ValueError(f"unknown engine option(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
-        return cls(model=str(model), **options)
+        return config_from_options(cls, model, options)
 
 
 @dataclass
