@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from conformance.compare import ATTENTION_TOL, assert_close
 from fast.attention import AttentionBackend, AttentionMetadata
-from ref.paged_reference import batch_attention, read_sequence, write_sequence
+from ref.paged_reference import batch_attention, write_sequence
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BLOCK_SIZES = (8, 16, 32)

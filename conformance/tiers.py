@@ -6,7 +6,6 @@ raises `NotApplicable` when the adapter lacks the hook the check needs.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -15,7 +14,7 @@ from hypothesis import strategies as st
 
 from conformance.compare import LOGIT_ATOL, assert_close, check_request_outputs
 from conformance.driver import run_workload
-from conformance.workloads import Workload, fast_engine_options, sampling_params_strategy, workloads
+from conformance.workloads import Workload, fast_engine_options, workloads
 from ref.sampling_params import SamplingParams
 
 TIERS = ("model", "kernel", "allocator", "scheduler", "e2e", "determinism", "robustness")

@@ -9,9 +9,8 @@ formed. Each sequence reserves KV for prompt + max_tokens (capped at max_model_l
 
 from __future__ import annotations
 
-import itertools
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 

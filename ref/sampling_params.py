@@ -8,7 +8,7 @@ the allowed range.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 SAMPLING_EPS = 1e-5  # temperature below this means greedy (as vLLM)
 MAX_SEED = 2**63 - 1

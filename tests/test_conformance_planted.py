@@ -6,7 +6,6 @@ suite's own checks (conformance/tiers.py) run against it with shrinking off.
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from conformance.adapters import FastAdapter

@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from conformance.compare import LOGIT_ATOL, assert_close, check_request_outputs
+from conformance.compare import LOGIT_ATOL, check_request_outputs
 from ref import LLM, SamplingParams
 from ref.outputs import RequestOutput
 
