@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ref.config import config_from_options
-
+from ref.inputs import DEFAULT_MAX_N
 from ref.sampling_params import MAX_SEED
 
 DEFAULT_KV_CACHE_MEMORY = 512 * 2**20  # bytes, when neither num_kv_blocks nor kv_cache_memory is set
@@ -30,6 +30,7 @@ class EngineConfig:
     attention_backend: str = "auto"
     device: str = "auto"  # "auto": cuda when available, else cpu
     max_logprobs: int = 20
+    max_n: int = DEFAULT_MAX_N  # samples per request (SamplingParams.n)
     skip_tokenizer_init: bool = False
 
     def __post_init__(self) -> None:
@@ -43,6 +44,8 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be None or >= 1, got {self.max_model_len}")
         if self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
+        if self.max_n < 1:
+            raise ValueError(f"max_n must be >= 1, got {self.max_n}")
         if not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be in [0, {MAX_SEED}], got {self.seed}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

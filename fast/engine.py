@@ -17,10 +17,12 @@ from fast.config import DEFAULT_KV_CACHE_MEMORY, DEFAULT_MAX_NUM_BATCHED_TOKENS,
 from fast.kv_cache_manager import KVCacheConfig, KVCacheManager, cdiv
 from fast.model import PagedDecoder
 from fast.model_runner import ModelRunner, StepInputs, kv_bytes_per_block
-from fast.request import Request, RequestGroup, Status
+from fast.request import Request, RequestGroup, SampleId, Status
 from fast.sampler import Sampler, SamplingRow, logprob_entry
 from fast.scheduler import ScheduledRequest, Scheduler, SchedulerConfig
-from ref.inputs import ProcessedPrompt, RequestLimits, process_prompt, validate_request
+from ref.inputs import (
+    ProcessedPrompt, RequestLimits, check_request_id, process_prompt, request_ids_to_abort, validate_request,
+)
 from ref.outputs import RequestOutput
 from ref.sampling_params import SamplingParams
 from ref.sequence import StopContext, draw_base_seed, make_sequences
@@ -67,7 +69,7 @@ class LLMEngine:
             raise ValueError(f"max_model_len must be <= max_position_embeddings "
                              f"({mcfg.max_position_embeddings}), got {self.max_model_len}")
         self.codec = TextCodec(None if config.skip_tokenizer_init else load_tokenizer(config.model))
-        self.limits = RequestLimits(mcfg.vocab_size, self.max_model_len, config.max_logprobs)
+        self.limits = RequestLimits(mcfg.vocab_size, self.max_model_len, config.max_logprobs, config.max_n)
         self.stop_ctx = StopContext(mcfg.eos_token_ids, self.max_model_len, self.codec)
         self.num_blocks = self._num_blocks()
         self.kv = KVCacheManager(KVCacheConfig(self.num_blocks, config.block_size, config.enable_prefix_caching))
@@ -118,8 +120,11 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ requests
     def process(self, prompt, params: SamplingParams | None) -> tuple[ProcessedPrompt, SamplingParams]:
-        """Validate a prompt and its params without touching engine state."""
+        """Validate a prompt and its params without touching engine state; the params returned
+        are the engine's own copy."""
         params = SamplingParams() if params is None else params
+        if isinstance(params, SamplingParams):
+            params = params.clone()  # re-validated: the caller may have changed fields since
         processed = process_prompt(prompt, self.codec)
         validate_request(processed, params, self.limits, self.codec.has_tokenizer)
         max_tokens = params.max_tokens or self.max_model_len
@@ -131,16 +136,16 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
                     priority: int = 0) -> None:
         """Queue a request; raises ValueError (changing nothing) when it cannot be served."""
+        check_request_id(request_id)
         if request_id in self.groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        if not isinstance(priority, int):
+        if not isinstance(priority, int) or isinstance(priority, bool):
             raise ValueError(f"priority must be an integer, got {priority!r}")
         processed, params = self.process(prompt, params)
         seqs = make_sequences(params, draw_base_seed(self._seed_gen))
         group = RequestGroup(request_id, processed.prompt, processed.prompt_token_ids, params, self.stop_ctx)
         for seq in seqs:
-            sample_id = request_id if seq.index == 0 else f"{request_id}#{seq.index}"
-            group.samples.append(Request(sample_id, group, seq, list(processed.prompt_token_ids),
+            group.samples.append(Request(SampleId(request_id, seq.index), group, seq, list(processed.prompt_token_ids),
                                          arrival=self._arrivals, priority=priority))
             self._arrivals += 1
         group.pending_forks = group.samples[1:]
@@ -148,17 +153,23 @@ class LLMEngine:
         self.scheduler.add(group.samples[0])
 
     def abort_request(self, request_id: str | list[str]) -> None:
-        """Finish the request(s) with "abort" and free every block they hold; unknown ids ignored."""
-        for rid in [request_id] if isinstance(request_id, str) else list(request_id):
+        """Finish the request(s) with "abort" and free every block they hold; unknown ids ignored.
+
+        O(samples) per request: samples still waiting to fork are in no queue and hold no blocks.
+        """
+        for rid in request_ids_to_abort(request_id):
             group = self.groups.pop(rid, None)
             if group is None:
                 continue
+            unforked = {id(sample) for sample in group.pending_forks}
+            group.pending_forks = []
+            queued = []
             for sample in group.samples:
                 if not sample.finished:
                     sample.seq.finish("abort")
-                if sample.status is not Status.FINISHED and sample not in group.pending_forks:
-                    self.scheduler.remove(sample)
-            group.pending_forks = []
+                if sample.status is not Status.FINISHED and id(sample) not in unforked:
+                    queued.append(sample)
+            self.scheduler.remove_all(queued)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.groups)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from ref.outputs import PromptLogprobs, RequestOutput
 from ref.sampling_params import SamplingParams
@@ -26,11 +27,25 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
+class SampleId(NamedTuple):
+    """The internal id of one sample: (the user's request id, sample index).
+
+    A tuple, never a string, so that no user id (always a string) can equal a sample's id:
+    a user request named like another request's sample cannot take over its KV blocks.
+    """
+
+    request_id: str
+    index: int
+
+    def __str__(self) -> str:
+        return f"{self.request_id}#{self.index}"
+
+
 @dataclass(eq=False)
 class Request:
     """One sample: the unit the scheduler and the KV cache manager see."""
 
-    request_id: str  # internal id: "<user id>" for sample 0, "<user id>#<i>" for the others
+    request_id: SampleId  # the KV cache manager's key for this sample (tests may use any hashable)
     group: "RequestGroup"
     seq: Sequence
     token_ids: list[int]  # prompt + generated tokens

@@ -15,7 +15,10 @@ from dataclasses import dataclass
 import torch
 
 from ref.config import config_from_options
-from ref.inputs import ProcessedPrompt, RequestLimits, process_prompt, validate_request
+from ref.inputs import (
+    DEFAULT_MAX_N, ProcessedPrompt, RequestLimits, check_request_id, process_prompt, request_ids_to_abort,
+    validate_request,
+)
 from ref.model import KVCache, load_model
 from ref.outputs import PromptLogprobs, RequestOutput
 from ref.sampler import logprob_entry, sample
@@ -34,6 +37,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
     max_batch: int = 16  # sequences per static batch
     max_logprobs: int = 20
+    max_n: int = DEFAULT_MAX_N  # samples per request (SamplingParams.n)
     skip_tokenizer_init: bool = False
 
     def __post_init__(self) -> None:
@@ -43,6 +47,8 @@ class EngineConfig:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
+        if self.max_n < 1:
+            raise ValueError(f"max_n must be >= 1, got {self.max_n}")
         if not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be in [0, {MAX_SEED}], got {self.seed}")
 
@@ -117,7 +123,7 @@ class LLMEngine:
                 f"({self.model_config.max_position_embeddings}), got {max_len}"
             )
         self.max_model_len = max_len
-        self.limits = RequestLimits(self.model_config.vocab_size, max_len, config.max_logprobs)
+        self.limits = RequestLimits(self.model_config.vocab_size, max_len, config.max_logprobs, config.max_n)
         self.stop_ctx = StopContext(self.model_config.eos_token_ids, max_len, self.codec)
         self._seed_gen = torch.Generator().manual_seed(config.seed)
         self.waiting: deque[Request] = deque()
@@ -127,8 +133,11 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ requests
     def process(self, prompt, params: SamplingParams | None) -> tuple[ProcessedPrompt, SamplingParams]:
-        """Validate a prompt and its params without touching engine state."""
+        """Validate a prompt and its params without touching engine state; the params returned
+        are the engine's own copy."""
         params = SamplingParams() if params is None else params
+        if isinstance(params, SamplingParams):
+            params = params.clone()  # re-validated: the caller may have changed fields since
         processed = process_prompt(prompt, self.codec)
         validate_request(processed, params, self.limits, self.codec.has_tokenizer)
         if params.n > self.config.max_batch:
@@ -141,6 +150,9 @@ class LLMEngine:
 
         `priority` is accepted for API compatibility; the reference serves in arrival order.
         """
+        check_request_id(request_id)
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ValueError(f"priority must be an integer, got {priority!r}")
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         processed, params = self.process(prompt, params)
@@ -152,8 +164,7 @@ class LLMEngine:
 
     def abort_request(self, request_id: str | list[str]) -> None:
         """Finish the request(s) with reason "abort"; unknown ids are ignored."""
-        ids = [request_id] if isinstance(request_id, str) else list(request_id)
-        for rid in ids:
+        for rid in request_ids_to_abort(request_id):
             req = self.requests.pop(rid, None)
             if req is None:
                 continue

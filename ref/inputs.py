@@ -14,6 +14,14 @@ from ref.tokenizer import TextCodec
 PromptType = "str | dict[str, Any]"  # a string, or {"prompt_token_ids": [...], "prompt"?: str}
 
 
+# Bounds on what one request may ask for, so that no single request can stall an engine
+# (README "Limits"). Engines expose max_n as an option; the stop bounds are fixed.
+DEFAULT_MAX_N = 128  # as OpenAI's API; a request of n samples holds n sequences
+MAX_STOP_STRINGS = 64  # each is searched for in the output text after every token
+MAX_STOP_STRING_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 1024
+
+
 @dataclass(frozen=True)
 class RequestLimits:
     """The engine-side bounds a request is checked against."""
@@ -21,6 +29,21 @@ class RequestLimits:
     vocab_size: int
     max_model_len: int
     max_logprobs: int
+    max_n: int = DEFAULT_MAX_N
+
+
+def check_request_id(request_id: Any) -> None:
+    """A request id is a non-empty string (SPEC §4); raises ValueError naming the field."""
+    if not isinstance(request_id, str) or not request_id:
+        raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
+
+
+def request_ids_to_abort(request_id: Any) -> list[str]:
+    """`abort_request`'s argument: one id or a list/tuple of ids, as a list of ids."""
+    ids = [request_id] if isinstance(request_id, str) else request_id
+    if not isinstance(ids, (list, tuple, set, frozenset)) or not all(isinstance(r, str) for r in ids):
+        raise ValueError(f"request_id must be a string or a list of strings, got {request_id!r}")
+    return list(ids)
 
 
 @dataclass(frozen=True)
@@ -34,6 +57,11 @@ def process_prompt(prompt: Any, codec: TextCodec) -> ProcessedPrompt:
     if isinstance(prompt, str):
         if not prompt:
             raise ValueError("prompt must be a non-empty string, got ''")
+        try:  # a lone surrogate (e.g. from a JSON "\\ud800") cannot be tokenized
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"prompt must be valid Unicode text, got an unpaired surrogate at "
+                             f"character {e.start}") from None
         return ProcessedPrompt(prompt, codec.encode(prompt))
     if isinstance(prompt, dict):
         unknown = set(prompt) - {"prompt_token_ids", "prompt"}
@@ -44,7 +72,11 @@ def process_prompt(prompt: Any, codec: TextCodec) -> ProcessedPrompt:
         ids = prompt["prompt_token_ids"]
         if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
             raise ValueError(f"prompt_token_ids must be a list of integers, got {type(ids).__name__}")
-        return ProcessedPrompt(prompt.get("prompt"), list(ids))
+        text = prompt.get("prompt")
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"prompt (the text beside prompt_token_ids) must be a string or None, "
+                             f"got {type(text).__name__}")
+        return ProcessedPrompt(text, list(ids))
     raise ValueError(f"prompt must be a string or a dict with 'prompt_token_ids', got {type(prompt).__name__}")
 
 
@@ -70,6 +102,17 @@ def validate_request(p: ProcessedPrompt, params: SamplingParams, limits: Request
     bad_stop = [t for t in params.stop_token_ids if t >= limits.vocab_size]
     if bad_stop:
         raise ValueError(f"stop_token_ids must be in [0, {limits.vocab_size}) (vocab size), got {bad_stop[0]}")
+    if params.n > limits.max_n:
+        raise ValueError(f"n must be <= max_n ({limits.max_n}), got {params.n}")
+    if len(params.stop) > MAX_STOP_STRINGS:
+        raise ValueError(f"stop must have at most {MAX_STOP_STRINGS} strings, got {len(params.stop)}")
+    long_stop = [s for s in params.stop if len(s) > MAX_STOP_STRING_CHARS]
+    if long_stop:
+        raise ValueError(f"stop strings must be at most {MAX_STOP_STRING_CHARS} characters, "
+                         f"got one of {len(long_stop[0])}")
+    if len(params.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise ValueError(f"stop_token_ids must have at most {MAX_STOP_TOKEN_IDS} ids, "
+                         f"got {len(params.stop_token_ids)}")
     if params.stop and not has_tokenizer:
         raise ValueError("stop: stop strings need a tokenizer, and this model has none")
 

@@ -49,6 +49,12 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
 
     def __post_init__(self) -> None:
+        # Only None, a string or a list/tuple are lists of stops: `stop=0`, `stop=False` or a dict
+        # must not be read as "no stops" or as the dict's keys.
+        _check(self.stop is None or isinstance(self.stop, (str, list, tuple)), "stop",
+               "None, a string or a list of non-empty strings", self.stop)
+        _check(self.stop_token_ids is None or isinstance(self.stop_token_ids, (list, tuple)),
+               "stop_token_ids", "None or a list of integers >= 0", self.stop_token_ids)
         self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         self._validate()
@@ -93,6 +99,12 @@ class SamplingParams:
             raise ValueError(
                 f"n must be 1 when sampling greedily (temperature={self.temperature!r} < {SAMPLING_EPS}), got {self.n}"
             )
+
+    def clone(self) -> "SamplingParams":
+        """An independent, re-validated copy: engines keep one at add_request, so changing the
+        caller's object afterwards cannot change a request that is already queued."""
+        return SamplingParams(**{**self.__dict__, "stop": list(self.stop),
+                                 "stop_token_ids": list(self.stop_token_ids)})
 
     def for_sample(self, index: int) -> "SamplingParams":
         """Params of the index-th of n samples: a set seed becomes seed + index (as vLLM)."""

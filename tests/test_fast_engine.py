@@ -7,6 +7,7 @@ import pytest
 from conformance.compare import check_request_outputs
 from fast import LLM, LLMEngine, SamplingParams
 from fast.config import EngineConfig
+from fast.request import SampleId
 from fast.scheduler import Scheduler
 from ref import LLM as RefLLM
 
@@ -107,7 +108,7 @@ def test_n_samples_share_prompt_blocks(tiny_model_dir):
     params = SamplingParams(n=3, seed=5, max_tokens=6, ignore_eos=True)
     engine.add_request("r", {"prompt_token_ids": list(range(20, 30))}, params)  # 10 tokens: 2 full blocks
     engine.step()
-    tables = [engine.kv.get_block_table(rid) for rid in ("r", "r#1", "r#2")]
+    tables = [engine.kv.get_block_table(SampleId("r", i)) for i in range(3)]
     assert tables[0][:2] == tables[1][:2] == tables[2][:2]  # full prompt blocks shared
     assert len({t[2] for t in tables}) == 3  # the partly filled block was copied per sample
     outs = []
