@@ -108,6 +108,21 @@ class Scheduler:
             self.kv.free(request.request_id)
         request.status = Status.FINISHED
 
+    def remove_all(self, requests: list[Request]) -> None:
+        """`remove` for many requests (e.g. the samples of an aborted request) in one pass over
+        each queue: O(queue + len(requests)), not O(queue × len(requests))."""
+        doomed = {id(r) for r in requests}
+        if not doomed:
+            return
+        self.running[:] = [r for r in self.running if id(r) not in doomed]
+        kept = [r for r in self.waiting if id(r) not in doomed]
+        self.waiting.clear()
+        self.waiting.extend(kept)
+        for request in requests:
+            if self.kv.has_request(request.request_id):
+                self.kv.free(request.request_id)
+            request.status = Status.FINISHED
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
