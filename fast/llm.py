@@ -11,9 +11,32 @@ from ref.outputs import RequestOutput
 
 
 class LLM:
-    """LLM(model, dtype="auto", block_size=16, num_kv_blocks=None, kv_cache_memory=None,
-    max_num_seqs=128, max_num_batched_tokens=None, enable_prefix_caching=True,
-    enable_chunked_prefill=True, policy="fcfs", attention_backend="auto", ...)."""
+    """The offline engine: `LLM(model, **options).generate(prompts, sampling_params)`.
+
+    `model` is a local Hugging Face checkpoint directory (the embedded one:
+    `str(ref.models.tiny_checkpoint())`, random weights, so its text is gibberish).
+    Options (an unknown name is a ValueError listing these; each is validated):
+
+        dtype="auto"                    "auto" (the checkpoint's), "float32", "float16", "bfloat16"
+        seed=0                          seeds the per-request seeds of unseeded requests
+        max_model_len=None              prompt + output limit; None: max_position_embeddings
+        block_size=16                   tokens per KV block
+        num_kv_blocks=None              KV pool size in blocks; None: from kv_cache_memory
+        kv_cache_memory=None            bytes of K/V for all layers; None: 512 MiB, capped at
+                                        max_num_seqs full-length requests
+        max_num_seqs=128                samples running at once
+        max_num_batched_tokens=None     tokens per step; None: max(2048, max_num_seqs)
+                                        (and >= max_model_len without chunked prefill)
+        enable_prefix_caching=True      reuse full KV blocks of identical prefixes
+        enable_chunked_prefill=True     split long prompts across steps
+        long_prefill_token_threshold=0  cap on one prompt chunk per step; 0: no cap
+        policy="fcfs"                   "fcfs" or "priority" (lower value served first)
+        attention_backend="auto"        "auto", "torch" or "triton"
+        device="auto"                   "auto" (cuda if available), "cpu", "cuda[:N]"
+        max_logprobs=20                 largest logprobs / prompt_logprobs a request may ask
+        max_n=128                       largest SamplingParams.n a request may ask
+        skip_tokenizer_init=False       no tokenizer: token-id prompts only, empty text
+    """
 
     def __init__(self, model: str, **options: Any):
         self.llm_engine = LLMEngine(EngineConfig.from_options(model, options))

@@ -10,7 +10,19 @@ from ref.outputs import RequestOutput
 
 
 class LLM:
-    """LLM(model=<local HF dir>, dtype="auto", seed=0, max_model_len=None, max_batch=16, ...)."""
+    """The oracle's offline engine: `LLM(model, **options).generate(prompts, sampling_params)`.
+
+    `model` is a local Hugging Face checkpoint directory. Options (an unknown name is a
+    ValueError listing these):
+
+        dtype="auto"                "auto" (the checkpoint's), "float32", "float16", "bfloat16"
+        seed=0                      seeds the per-request seeds of unseeded requests
+        max_model_len=None          prompt + output limit; None: max_position_embeddings
+        max_batch=16                sequences per static batch (and the largest n)
+        max_logprobs=20             largest logprobs / prompt_logprobs a request may ask
+        max_n=128                   largest SamplingParams.n a request may ask
+        skip_tokenizer_init=False   no tokenizer: token-id prompts only, empty text
+    """
 
     def __init__(self, model: str, **options: Any):
         self.llm_engine = LLMEngine(EngineConfig.from_options(model, options))

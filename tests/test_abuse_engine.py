@@ -175,3 +175,15 @@ def test_params_made_invalid_before_add_are_rejected(engine):
     with pytest.raises(ValueError, match="temperature"):
         engine.add_request("v", "hello", params)
     assert not engine.has_unfinished_requests()
+
+
+# ---------------------------------------------------------------- newcomer: help(LLM)
+def test_help_of_llm_lists_every_option_with_its_default():
+    import dataclasses
+
+    for mod in (fast, ref):
+        doc = mod.LLM.__doc__
+        for f in dataclasses.fields(mod.EngineConfig):
+            if f.name == "model":
+                continue
+            assert f"{f.name}={f.default!r}".replace("'", '"') in doc, (mod.__name__, f.name)
