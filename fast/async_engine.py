@@ -5,7 +5,8 @@ when there are none. Callers add requests and read their outputs without ever to
 concurrently with a step:
 
     caller task                       loop task                      worker thread
-    add_requests ──(lock)──> engine.add_request
+    add_requests ──(lock)──────────────────────────────────────────> engine.process (tokenize)
+                 ──(lock, same hold)──> engine.add_request
                               while unfinished:
                                 apply pending aborts (lock)
                                 step ──(lock held)──────────────> engine.step()
@@ -14,27 +15,38 @@ concurrently with a step:
     stream.close() / cancel ──> abort(): pending, applied before the next step
 
 Invariants:
-- `engine.add_request`, `abort_request`, `step` and `get_metrics` run only while `_lock` is held,
-  so at most one of them runs at a time (the engine is not thread-safe).
+- `engine.process`, `add_request`, `abort_request`, `step` and `get_metrics` run only while `_lock`
+  is held, so at most one of them runs at a time (the engine, and its tokenizer, are not
+  thread-safe). The slow ones (`step`, and `process`, which tokenizes) run in a worker thread, so
+  the event loop keeps serving other tasks meanwhile; a caller cancelled while its work is in a
+  thread does not release the lock before that thread is done.
 - Every tracked request has exactly one `OutputStream`; a request leaves `_tracked` exactly once,
   when its finished output is routed or when it is aborted, and then its `RequestStats` go to
   every finish listener.
 - An aborted request is aborted in the engine before the engine steps again, so its blocks are
   free by the time the next step starts.
+
+Prompts that cannot fit `max_model_len` are rejected before the tokenizer or the engine sees
+them when that is cheap and sound: token-id lists by their length, text by
+`TokenCountBound` (see there for when the bound holds).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, TypeVar
 
-from fast.config import EngineConfig
-from fast.engine import EngineMetrics, LLMEngine
 from ref.outputs import CompletionOutput, RequestOutput
 from ref.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # fast.engine imports torch; `python -m fast.serve --help` must not wait for it
+    from fast.engine import EngineMetrics, LLMEngine
+
+T = TypeVar("T")
 
 
 class EngineDeadError(RuntimeError):
@@ -59,6 +71,60 @@ class RequestStats:
     num_generation_tokens: int  # all samples, as last reported (an abort may have run further)
     ttft_s: float | None  # from add to the first output holding a token; None if none came
     tpot_s: float | None  # (finish - first token) / (longest sample's tokens - 1); None if < 2
+
+
+class TokenCountBound:
+    """A sound lower bound on how many tokens a text prompt becomes, computed without tokenizing.
+
+    It exists only for byte-level BPE tokenizers without a normalizer (GPT-2, Llama 3, the
+    embedded tiny model): there every byte of the text lands in exactly one token and a token
+    stands for at most `longest` bytes (its vocabulary string, or an added token's content), so a
+    text of C characters (>= C bytes) is at least ceil(C / longest) tokens; a template's special
+    tokens only add to that. Anything else gets no bound (`min_tokens` returns 0): a normalizer
+    can shrink the text (NFC), a whitespace pre-tokenizer or a `Split(behavior="removed")` can
+    drop parts of it, and added tokens with lstrip/rstrip swallow the whitespace beside them.
+    """
+
+    _KEEPING_SPLITS = ("isolated", "merged_with_previous", "merged_with_next", "contiguous")
+
+    def __init__(self, tokenizer: Any):
+        self.longest = self._longest_token_bytes(tokenizer)
+
+    def min_tokens(self, text: str) -> int:
+        return -(-len(text) // self.longest) if self.longest else 0
+
+    @classmethod
+    def _longest_token_bytes(cls, tokenizer: Any) -> int | None:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            return None
+        spec = json.loads(backend.to_str())
+        if spec.get("normalizer") is not None or (spec.get("model") or {}).get("type") != "BPE":
+            return None
+        if not cls._keeps_every_byte(spec.get("pre_tokenizer")):
+            return None
+        added = spec.get("added_tokens") or []
+        if any(a.get("lstrip") or a.get("rstrip") for a in added):
+            return None
+        lengths = [len(t.encode("utf-8")) for t in spec["model"]["vocab"]]
+        lengths += [len(a["content"].encode("utf-8")) for a in added]
+        return max(lengths, default=0) or None
+
+    @classmethod
+    def _keeps_every_byte(cls, pre: dict | None) -> bool:
+        """A ByteLevel pre-tokenizer, alone or in a Sequence with splits that drop nothing."""
+        if pre is None:
+            return False
+        if pre.get("type") == "ByteLevel":
+            return True
+        if pre.get("type") != "Sequence":
+            return False
+        parts = pre.get("pretokenizers") or []
+        bytelevel = [p for p in parts if p.get("type") == "ByteLevel"]
+        others_keep = all(p.get("type") == "ByteLevel" or (
+            p.get("type") == "Split" and str(p.get("behavior", "")).lower().replace("mergedwith", "merged_with_")
+            in cls._KEEPING_SPLITS) for p in parts)
+        return bool(bytelevel) and others_keep
 
 
 class OutputStream:
@@ -138,6 +204,7 @@ class AsyncLLMEngine:
 
     def __init__(self, engine: LLMEngine):
         self.engine = engine
+        self.token_bound = TokenCountBound(engine.codec.tokenizer)
         self._tracked: dict[str, _Tracked] = {}
         self._pending_aborts: set[str] = set()
         self._listeners: list[Callable[[RequestStats], None]] = []
@@ -151,6 +218,9 @@ class AsyncLLMEngine:
     @classmethod
     def from_options(cls, model: str, **options: Any) -> "AsyncLLMEngine":
         """Same options as `fast.LLM` (unknown ones are a ValueError listing the allowed)."""
+        from fast.config import EngineConfig
+        from fast.engine import LLMEngine
+
         return cls(LLMEngine(EngineConfig.from_options(model, options)))
 
     # ------------------------------------------------------------------ public API
@@ -175,30 +245,67 @@ class AsyncLLMEngine:
         """Validate every request, then queue them all in one go (no step runs between them).
 
         Raises ValueError naming the field (SPEC §4) if any is bad, or if an id is in use; then
-        nothing is queued.
+        nothing is queued. Tokenizing runs in a worker thread (the loop stays free) while no step
+        runs. If the caller is cancelled meanwhile, whatever gets queued is aborted at once.
         """
         self._ensure_loop()
         ids = [r.request_id for r in requests]
         if len(set(ids)) != len(ids):
             raise ValueError(f"request_id must be unique, got duplicates in {ids}")
+        for r in requests:
+            if not isinstance(r.priority, int) or isinstance(r.priority, bool):
+                raise ValueError(f"priority must be an integer, got {r.priority!r}")
+            self._check_fits_cheaply(r.prompt)
+        task = asyncio.ensure_future(self._add_locked(requests))
+        try:
+            stream = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(_close_orphaned_stream)
+            raise
+        self._wake.set()
+        return stream
+
+    def _check_fits_cheaply(self, prompt: Any) -> None:
+        """Reject a prompt that cannot fit max_model_len before anything copies or tokenizes it."""
+        max_len = self.engine.max_model_len
+        if isinstance(prompt, dict) and isinstance(prompt.get("prompt_token_ids"), (list, tuple)):
+            n = len(prompt["prompt_token_ids"])
+            if n > max_len:
+                raise ValueError(f"prompt length must be <= max_model_len ({max_len}), got {n} tokens")
+        elif isinstance(prompt, str):
+            n = self.token_bound.min_tokens(prompt)
+            if n > max_len:
+                raise ValueError(f"prompt length must be <= max_model_len ({max_len}), got at least {n} "
+                                 f"tokens ({len(prompt)} characters)")
+
+    async def _add_locked(self, requests: list[NewRequest]) -> OutputStream:
         async with self._lock:
             self._check_alive()
             self._apply_aborts()  # so that an aborted request's id is free again
             for r in requests:
                 if r.request_id in self.engine.groups or r.request_id in self._tracked:
                     raise ValueError(f"request_id {r.request_id!r} is already in use")
-                if not isinstance(r.priority, int) or isinstance(r.priority, bool):
-                    raise ValueError(f"priority must be an integer, got {r.priority!r}")
-                self.engine.process(r.prompt, r.params)
-            stream = OutputStream(self, ids)
+            prompts = await asyncio.to_thread(self._tokenized_prompts, requests)
+            stream = OutputStream(self, [r.request_id for r in requests])
             now = time.perf_counter()
-            for r in requests:
-                self.engine.add_request(r.request_id, r.prompt, r.params, r.priority)
+            for r, prompt in zip(requests, prompts):
+                self.engine.add_request(r.request_id, prompt, r.params, r.priority)
                 group = self.engine.groups[r.request_id]
                 self._tracked[r.request_id] = _Tracked(stream, len(group.samples), group.prompt,
                                                        list(group.prompt_token_ids), now)
-        self._wake.set()
         return stream
+
+    def _tokenized_prompts(self, requests: list[NewRequest]) -> list[dict]:
+        """Validate every request (tokenizing text prompts); each prompt as token ids, so that
+        `add_request` does not tokenize again."""
+        prompts = []
+        for r in requests:
+            processed, _ = self.engine.process(r.prompt, r.params)
+            prompt = {"prompt_token_ids": processed.prompt_token_ids}
+            if processed.prompt is not None:
+                prompt["prompt"] = processed.prompt
+            prompts.append(prompt)
+        return prompts
 
     async def generate(self, prompt: Any, params: SamplingParams | None, request_id: str,
                        priority: int = 0) -> AsyncIterator[RequestOutput]:
@@ -229,12 +336,23 @@ class AsyncLLMEngine:
         if ids and self._wake is not None:
             self._wake.set()
 
-    async def between_steps(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """`fn(*args)` while no step runs: for anything that shares state with the engine (e.g.
-        its tokenizer, which a step uses from the worker thread)."""
+    async def between_steps(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on the loop while no step runs: for quick looks at engine state."""
         self._ensure_loop()
         async with self._lock:
             return fn(*args)
+
+    async def between_steps_in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` in a worker thread while no step runs: for slow work on state a step also
+        uses (e.g. chat templating and tokenizing with the engine's tokenizer). The loop stays
+        free; if the caller is cancelled, the lock is still held until `fn` returns."""
+        self._ensure_loop()
+
+        async def locked() -> T:
+            async with self._lock:
+                return await asyncio.to_thread(fn, *args)
+
+        return await _unless_caller_cancelled(locked())
 
     async def get_metrics(self) -> EngineMetrics:
         """The engine's metrics, read between steps."""
@@ -353,6 +471,28 @@ class AsyncLLMEngine:
         )
         for listener in self._listeners:
             listener(stats)
+
+
+async def _unless_caller_cancelled(work: Awaitable[T]) -> T:
+    """Await `work` in its own task: cancelling the caller does not cancel it (its outcome is
+    then dropped, without an unretrieved-exception warning)."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(_drop_outcome)
+        raise
+
+
+def _drop_outcome(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+def _close_orphaned_stream(task: asyncio.Future) -> None:
+    """For an add whose caller was cancelled: abort what it queued (nobody will read it)."""
+    if not task.cancelled() and task.exception() is None:
+        task.result().close()
 
 
 def _aborted_output(request_id: str, tracked: _Tracked) -> RequestOutput:

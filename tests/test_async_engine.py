@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 
 import pytest
 from hypothesis import given, note, strategies as st
@@ -248,3 +249,103 @@ def test_random_aborts_leave_nothing_behind(engine, oracle, plan):
             assert c.token_ids == expected[0].outputs[0].token_ids, f"h{i}: tokens differ from LLM.generate"
         else:
             assert k is not None and len(outs) == k + 1, f"h{i}: stopped early without being abandoned"
+
+
+# ---------------------------------------------------------------------------------- tokenization
+class _BlockingEncode:
+    """Wraps `codec.encode`: each call waits (in whatever thread runs it) until released, and
+    records its thread and whether a step was running meanwhile."""
+
+    def __init__(self, encode, steps: "_StepSpy"):
+        self._encode, self._steps = encode, steps
+        self.started, self.release = threading.Event(), threading.Event()
+        self.threads: list[int] = []
+        self.released: list[bool] = []
+        self.beside_a_step = False
+
+    def __call__(self, prompt: str) -> list[int]:
+        self.threads.append(threading.get_ident())
+        self.started.set()
+        self.released.append(self.release.wait(WAIT_S))  # False: nothing released it (loop blocked)
+        self.beside_a_step |= self._steps.running
+        return self._encode(prompt)
+
+
+class _StepSpy:
+    def __init__(self, step):
+        self._step, self.running = step, False
+
+    def __call__(self):
+        self.running = True
+        try:
+            return self._step()
+        finally:
+            self.running = False
+
+
+def test_tokenization_runs_off_the_event_loop_and_never_beside_a_step(aengine, engine, monkeypatch):
+    """While a prompt is tokenized the loop keeps serving other coroutines, and no step runs (the
+    tokenizer is shared with the step thread)."""
+    steps = _StepSpy(engine.step)
+    monkeypatch.setattr(engine, "step", steps)
+    encode = _BlockingEncode(engine.codec.encode, steps)
+    monkeypatch.setattr(engine.codec, "encode", encode)
+
+    async def main():
+        busy = asyncio.create_task(collect(aengine, {"prompt_token_ids": [5] * 8},
+                                           SamplingParams(max_tokens=40, ignore_eos=True), "busy"))
+        await wait_until(engine.has_unfinished_requests, "the busy request is queued")
+        add = asyncio.create_task(aengine.add_requests([NewRequest("slow", PROMPTS[0], SamplingParams(max_tokens=3))]))
+        await wait_until(encode.started.is_set, "tokenization started")
+        for _ in range(3):  # the loop is free: these sleeps end while encode still waits
+            await asyncio.sleep(0.01)
+        encode.release.set()
+        async with await add as stream:
+            outs = [o async for batch in stream for o in batch]
+        return outs[-1], (await busy)[-1]
+
+    loop_thread = threading.get_ident()
+    slow, busy = asyncio.run(main())
+    assert encode.released == [True], "the event loop was blocked while the prompt was tokenized"
+    assert encode.threads and loop_thread not in encode.threads
+    assert not encode.beside_a_step, "a step ran while the prompt was tokenized"
+    assert len(slow.outputs[0].token_ids) == 3 and len(busy.outputs[0].token_ids) == 40
+
+
+def test_a_caller_cancelled_during_tokenization_leaves_nothing_queued(aengine, engine, monkeypatch):
+    encode = _BlockingEncode(engine.codec.encode, _StepSpy(engine.step))
+    monkeypatch.setattr(engine.codec, "encode", encode)
+
+    async def main():
+        add = asyncio.create_task(aengine.add_requests([NewRequest("gone", PROMPTS[0], SamplingParams(max_tokens=50))]))
+        await wait_until(encode.started.is_set, "tokenization started")
+        add.cancel()
+        await asyncio.sleep(0.01)
+        encode.release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await add
+        await wait_until(lambda: not engine.has_unfinished_requests() and aengine.num_in_flight == 0,
+                         "the orphaned request is aborted")
+        await aengine.between_steps(aengine.check_invariants)
+
+    asyncio.run(main())
+
+
+def test_overlong_prompts_are_rejected_before_tokenizing_or_copying(aengine, engine, monkeypatch):
+    """Token ids past max_model_len, and text too long to fit whatever the tokenizer does with it
+    (a sound bound: bytes / longest token's bytes), fail without the engine's processing."""
+    def must_not_run(*args):
+        raise AssertionError("the engine processed a prompt that could be rejected up front")
+
+    monkeypatch.setattr(engine, "process", must_not_run)
+    monkeypatch.setattr(engine.codec, "encode", must_not_run)
+    max_len = engine.max_model_len
+
+    async def main():
+        with pytest.raises(ValueError, match=r"^prompt length must be <= max_model_len"):
+            await aengine.add_requests([NewRequest("ids", {"prompt_token_ids": [5] * (max_len + 1)}, None)])
+        with pytest.raises(ValueError, match=r"^prompt length must be <= max_model_len .* at least"):
+            await aengine.add_requests([NewRequest("text", "ab" * (max_len * 64), None)])
+        assert aengine.num_in_flight == 0
+
+    asyncio.run(main())
