@@ -9,7 +9,18 @@ Sampling fields map one-to-one onto `SamplingParams` (OpenAI: max_tokens, temper
 stop, seed, logprobs, presence_penalty, frequency_penalty; vLLM's extras: top_k, min_p,
 repetition_penalty, ignore_eos, min_tokens, stop_token_ids, skip_special_tokens,
 include_stop_str_in_output), so the server samples exactly what `fast.LLM.generate` would.
-A JSON `null` means "the default".
+A JSON `null` means "the default". An error about a field the client spelled differently names
+the client's spelling (chat's `max_completion_tokens`, `top_logprobs`).
+
+Legacy completions logprobs key `top_logprobs` by token text, and distinct tokens can decode to
+the same text (every lone UTF-8 continuation byte decodes to U+FFFD). vLLM's
+`_create_completion_logprobs` builds that dict from the text alone, so such tokens overwrite one
+another and fewer than k entries come back, unless the client asks for
+`return_tokens_as_token_ids`, which keys every token as "token_id:<id>". Here the k entries
+always stay distinct: the chosen token keeps its text (so `top_logprobs[i][tokens[i]]` is
+always `token_logprobs[i]`), then by rank each token keys by its text unless an earlier entry
+already took that text, in which case it keys as "token_id:<id>" (vLLM's spelling of a token
+without text). A token without text (no tokenizer) is "token_id:<id>" everywhere.
 """
 
 from __future__ import annotations
@@ -180,7 +191,14 @@ def chat_params(req: ChatCompletionRequest) -> SamplingParams:
         raise OpenAIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
     logprobs = _or(req.top_logprobs, 0) if req.logprobs else None
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    return _make_params({**_common_params(req), "max_tokens": max_tokens, "logprobs": logprobs}, CHAT_RENAMES)
+    return _make_params({**_common_params(req), "max_tokens": max_tokens, "logprobs": logprobs}, chat_renames(req))
+
+
+def chat_renames(req: ChatCompletionRequest) -> dict[str, str | None]:
+    """CHAT_RENAMES, plus max_tokens -> max_completion_tokens when that is what the client sent."""
+    if req.max_completion_tokens is None:
+        return CHAT_RENAMES
+    return {**CHAT_RENAMES, "max_tokens": "max_completion_tokens"}
 
 
 def completion_prompts(req: CompletionRequest) -> list[str | dict]:
@@ -203,15 +221,23 @@ _LEADING_NAME = re.compile(r"^([a-z_]+)")
 
 
 def value_error(e: ValueError, renames: dict[str, str | None]) -> OpenAIError:
-    """A ValueError from SamplingParams / the engine ("<field> must be ...") as a 400."""
+    """A ValueError from SamplingParams / the engine ("<field> must be ...") as a 400.
+
+    A renamed sampling field is renamed in the message too ("logprobs must be" becomes
+    "top_logprobs must be"); engine names (prompt_token_ids -> messages) only change `param`,
+    since their messages describe the engine's view ("prompt length must be ...").
+    """
     msg = str(e)
     m = _LEADING_NAME.match(msg)
     name = m.group(1) if m else None
     param = renames.get(name, name) if name in renames or name in _REQUEST_FIELDS else None
+    if param is not None and param != name and name in _SAMPLING_FIELDS:
+        msg = param + msg[len(name):]
     return OpenAIError(400, msg, param)
 
 
 _REQUEST_FIELDS = set(CompletionRequest.model_fields) | set(ChatCompletionRequest.model_fields)
+_SAMPLING_FIELDS = set(SamplingParams.__dataclass_fields__)
 
 
 # ---------------------------------------------------------------------------------- responses
@@ -236,10 +262,24 @@ def completion_logprobs(token_ids: list[int], entries: list[dict[int, Logprob]],
         tok = _token_str(tid, entry[tid])
         out["tokens"].append(tok)
         out["token_logprobs"].append(entry[tid].logprob)
-        out["top_logprobs"].append({_token_str(t, lp): lp.logprob for t, lp in _by_rank(entry)})
+        out["top_logprobs"].append(_distinct_top_logprobs(tid, entry))
         out["text_offset"].append(text_offset)
         text_offset += len(tok)
     return out
+
+
+def _distinct_top_logprobs(chosen: int, entry: dict[int, Logprob]) -> dict[str, float]:
+    """{key: logprob} in rank order, one key per token of `entry` (see the module docstring): the
+    chosen token under its text; any other under its text unless the chosen token or a better
+    ranked one has it, else "token_id:<id>"."""
+    chosen_text = _token_str(chosen, entry[chosen])
+    top: dict[str, float] = {}
+    for t, lp in _by_rank(entry):
+        key = _token_str(t, lp)
+        if key in top or (key == chosen_text and t != chosen):
+            key = f"token_id:{t}"
+        top[key] = lp.logprob
+    return top
 
 
 def chat_logprobs(token_ids: list[int], entries: list[dict[int, Logprob]], top_k: int) -> dict:

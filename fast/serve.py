@@ -14,6 +14,20 @@ Errors: OpenAI's body `{"error": {"message", "type", "param", "code"}}`; 400 for
 invalid fields and prompts the engine rejects (e.g. longer than max_model_len); 404
 (code "model_not_found", param "model") for a model name that is not served, as OpenAI does.
 A client that disconnects (streaming or not) aborts its requests, freeing their KV blocks.
+
+Hardening (`ServerConfig`; each field is a flag):
+- POST bodies must be `Content-Type: application/json` (parameters such as charset allowed), else
+  415: a web page on any origin may send text/plain or form posts to localhost without a CORS
+  preflight, and must not be able to start generations.
+- A body over `max_request_body_bytes` is a 413 naming the limit, decided from Content-Length
+  before anything is read, or while the chunks are counted as they arrive; at most the limit
+  (plus one chunk) is ever held.
+- Tokenizing and chat templating run in a worker thread while no step runs
+  (`AsyncLLMEngine.between_steps_in_thread`), so /health and other calls are answered meanwhile.
+- /docs, /redoc and /openapi.json exist only with `enable_docs` (`--enable-docs`).
+
+`python -m fast.serve --help` imports neither torch nor the engine: they load when a server is
+built.
 """
 
 from __future__ import annotations
@@ -26,35 +40,55 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.requests import ClientDisconnect
 
 from fast.async_engine import AsyncLLMEngine, EngineDeadError, NewRequest, OutputStream
 from fast.chat_template import chat_prompt
 from fast.config import EngineConfig
-from fast.engine import LLMEngine
 from fast.openai_protocol import (
     CHAT_RENAMES, COMPLETION_RENAMES, ChatCompletionRequest, ChoiceDelta, CompletionRequest, OpenAIError,
     ResponseMeta, StreamedChoice, chat_chunk_choice, chat_params, chat_response, chat_role_choice, chunk,
-    completion_chunk_choice, completion_params, completion_prompts, completion_response, parse_request, sse,
-    usage, value_error,
+    chat_renames, completion_chunk_choice, completion_params, completion_prompts, completion_response,
+    parse_request, sse, usage, value_error,
 )
 from fast.server_metrics import ServerMetrics
 from ref.outputs import RequestOutput
 from ref.sampling_params import SamplingParams
 
+if TYPE_CHECKING:  # fast.engine imports torch; only building a server needs it
+    from fast.engine import LLMEngine
+
 TINY_MODEL_NAME = "pagedlm-tiny"  # served name of the embedded model (no --model given)
+DEFAULT_MAX_REQUEST_BODY_BYTES = 4 * 2**20  # ~1M token ids as JSON, or a very long text prompt
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """HTTP-side options of one app; each field is a `python -m fast.serve` flag (its help below)."""
+
+    max_request_body_bytes: int = dataclasses.field(default=DEFAULT_MAX_REQUEST_BODY_BYTES, metadata={
+        "help": "larger POST bodies are answered 413 without being read"})
+    enable_docs: bool = dataclasses.field(default=False, metadata={
+        "help": "serve /docs, /redoc and /openapi.json"})
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_request_body_bytes, int) or self.max_request_body_bytes < 1:
+            raise ValueError(f"max_request_body_bytes must be an integer >= 1, got {self.max_request_body_bytes!r}")
 
 
 # ---------------------------------------------------------------------------------- the app
-def build_app(engine: LLMEngine | AsyncLLMEngine, served_model_name: str) -> FastAPI:
-    """The FastAPI app serving `engine` under `served_model_name`.
+def build_app(engine: LLMEngine | AsyncLLMEngine, served_model_name: str,
+              config: ServerConfig | None = None) -> FastAPI:
+    """The FastAPI app serving `engine` under `served_model_name`, with `config`'s limits.
 
     `app.state.engine` is the AsyncLLMEngine, `app.state.metrics` the ServerMetrics.
     """
+    config = ServerConfig() if config is None else config
     async_engine = engine if isinstance(engine, AsyncLLMEngine) else AsyncLLMEngine(engine)
     metrics = ServerMetrics(async_engine)
 
@@ -63,9 +97,10 @@ def build_app(engine: LLMEngine | AsyncLLMEngine, served_model_name: str) -> Fas
         yield
         await async_engine.shutdown()
 
-    app = FastAPI(title="pagedlm", lifespan=lifespan)
+    docs = {} if config.enable_docs else dict(docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="pagedlm", lifespan=lifespan, **docs)
     app.state.engine, app.state.metrics = async_engine, metrics
-    api = _Api(async_engine, served_model_name)
+    api = _Api(async_engine, served_model_name, config)
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
@@ -131,8 +166,8 @@ class _Call:
 class _Api:
     """The two generation endpoints: parse, check the model, queue, answer or stream."""
 
-    def __init__(self, engine: AsyncLLMEngine, model_name: str):
-        self.engine, self.model_name = engine, model_name
+    def __init__(self, engine: AsyncLLMEngine, model_name: str, config: ServerConfig):
+        self.engine, self.model_name, self.config = engine, model_name, config
         self.started = int(time.time())
 
     def _check_model(self, model: str | None) -> None:
@@ -141,7 +176,7 @@ class _Api:
                                    f"`{self.model_name}`", "model", code="model_not_found")
 
     async def completions(self, request: Request) -> Response:
-        req = parse_request(CompletionRequest, await request.body())
+        req = parse_request(CompletionRequest, await _json_body(request, self.config.max_request_body_bytes))
         self._check_model(req.model)
         params = completion_params(req)
         call = self._call("cmpl", req, params, completion_prompts(req))
@@ -152,18 +187,20 @@ class _Api:
         return JSONResponse(completion_response(call.meta, outputs))
 
     async def chat(self, request: Request) -> Response:
-        req = parse_request(ChatCompletionRequest, await request.body())
+        req = parse_request(ChatCompletionRequest, await _json_body(request, self.config.max_request_body_bytes))
         self._check_model(req.model)
         params = chat_params(req)
+        renames = chat_renames(req)
         messages = [{"role": m.role, "content": _message_text(m.content)} for m in req.messages]
         if not messages:
             raise OpenAIError(400, "messages must be a non-empty list", "messages")
         try:  # the tokenizer is shared with the step thread: use it between steps only
-            prompt = await self.engine.between_steps(chat_prompt, messages, self.engine.engine.codec.tokenizer)
+            prompt = await self.engine.between_steps_in_thread(chat_prompt, messages,
+                                                               self.engine.engine.codec.tokenizer)
         except ValueError as e:
-            raise value_error(e, CHAT_RENAMES) from None
+            raise value_error(e, renames) from None
         call = self._call("chatcmpl", req, params, [prompt])
-        stream = await self._submit(call, CHAT_RENAMES)
+        stream = await self._submit(call, renames)
         if call.stream:
             return _sse_response(_chat_chunks(call, stream), stream)
         outputs = await _unless_disconnected(request, _finals(stream), stream)
@@ -241,17 +278,50 @@ async def _finals(stream: OutputStream) -> list[RequestOutput]:
     return [finals[rid] for rid in stream.request_ids]
 
 
+async def _json_body(request: Request, limit: int) -> bytes:
+    """The body of a JSON POST, never holding more than `limit` bytes (plus one chunk) of it.
+
+    415 unless the Content-Type is application/json (see the module docstring); 413 when the body
+    is over `limit`: from Content-Length before reading anything, else by counting the chunks as
+    they arrive. The unread rest is discarded by the server, not stored.
+    """
+    content_type = request.headers.get("content-type")
+    if (content_type or "").split(";", 1)[0].strip().lower() != "application/json":
+        raise OpenAIError(415, f"Content-Type must be application/json, got {content_type!r}",
+                          code="unsupported_media_type")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:  # the HTTP parser already rejected a malformed one
+        raise _body_too_large(limit, f"{int(declared)} bytes")
+    body = bytearray()
+    try:
+        async for piece in request.stream():
+            body += piece
+            if len(body) > limit:
+                raise _body_too_large(limit, "more")
+    except ClientDisconnect:
+        raise OpenAIError(499, "client disconnected", type="client_disconnected") from None
+    return bytes(body)
+
+
+def _body_too_large(limit: int, got: str) -> OpenAIError:
+    return OpenAIError(413, f"the request body must be at most {limit} bytes (--max-request-body-bytes), "
+                            f"got {got}", code="request_too_large")
+
+
 async def _unless_disconnected(request: Request, work, stream: OutputStream):
-    """Await `work`, but abort the stream's requests if the client disconnects first."""
+    """Await `work`, but abort the stream's requests (a 499) if the client disconnects first."""
     work_task = asyncio.ensure_future(work)
     watch_task = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({work_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
     finally:  # also when this handler is cancelled (server shutdown)
-        watch_task.cancel()
         if not work_task.done():
+            stream.close()  # the abort: the requests' blocks are free before the engine's next step
             work_task.cancel()
-            stream.close()
+        watch_task.cancel()
+        await asyncio.wait({work_task, watch_task})  # cancel() only asks; read them once they are done
+        if not watch_task.cancelled():
+            watch_task.exception()  # retrieved: a failed watch means no disconnect was seen
     if work_task.cancelled():
         raise OpenAIError(499, "client disconnected", type="client_disconnected")
     return work_task.result()
@@ -291,14 +361,16 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0,
                     startup_timeout_s: float = 60.0) -> Iterator[str]:
     """Run `app` with uvicorn in a background thread; yields the base URL ("http://host:port").
 
-    port 0 picks a free port. On exit the server shuts down (aborting what is in flight).
+    port 0 picks a free port. On exit the server shuts down (aborting what is in flight). Its log
+    records propagate to the root logger instead of uvicorn's own handlers.
     """
     import uvicorn
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    # log_config=None: uvicorn's records go through the host's logging tree (tests can see them)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", log_config=None, timeout_graceful_shutdown=5))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="pagedlm-server", daemon=True)
     thread.start()
     deadline = time.monotonic() + startup_timeout_s
@@ -314,45 +386,57 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0,
         sock.close()
 
 
-def _engine_option_args(parser: argparse.ArgumentParser) -> None:
-    """One --flag per EngineConfig field (defaults stay EngineConfig's: unset flags are not passed)."""
-    group = parser.add_argument_group("engine options (as fast.LLM)")
-    for f in dataclasses.fields(EngineConfig):
+def _dataclass_args(parser: argparse.ArgumentParser, title: str, cls: type) -> None:
+    """One --flag per field of `cls` except `model`; unset flags are left out of the namespace, so
+    the dataclass's own defaults apply (shown in --help)."""
+    group = parser.add_argument_group(title)
+    for f in dataclasses.fields(cls):
         if f.name == "model":
             continue
         flag = "--" + f.name.replace("_", "-")
+        doc = f.metadata.get("help")
+        help_text = f"{doc} (default: {f.default})" if doc else f"default: {f.default}"
         if f.type in ("bool", bool):
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                               help=help_text)
         else:
             kind = int if "int" in str(f.type) else str
-            group.add_argument(flag, dest=f.name, type=kind, default=argparse.SUPPRESS,
-                               help=f"default: {f.default}")
+            group.add_argument(flag, dest=f.name, type=kind, default=argparse.SUPPRESS, help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fast.serve", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default=None, help="HF checkpoint dir; None: the embedded tiny model")
+    parser.add_argument("--served-model-name", default=None,
+                        help=f"name clients pass as `model`; None: --model, or {TINY_MODEL_NAME!r}")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
+    parser.add_argument("--log-level", default="info", help="uvicorn's log level")
+    _dataclass_args(parser, "server options", ServerConfig)
+    _dataclass_args(parser, "engine options (as fast.LLM)", EngineConfig)
+    return parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m fast.serve", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=None, help="HF checkpoint dir (default: the embedded tiny model)")
-    parser.add_argument("--served-model-name", default=None,
-                        help=f"name clients pass as `model` (default: --model, or {TINY_MODEL_NAME!r})")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--log-level", default="info")
-    _engine_option_args(parser)
-    return parser.parse_args(argv)
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = vars(parse_args(argv))
     import uvicorn
 
-    args = vars(parse_args(argv))
+    from fast.engine import LLMEngine
+
     model, name = args.pop("model"), args.pop("served_model_name")
     host, port, log_level = args.pop("host"), args.pop("port"), args.pop("log_level")
+    server = ServerConfig(**{f.name: args.pop(f.name) for f in dataclasses.fields(ServerConfig) if f.name in args})
     if model is None:
         from ref.models import tiny_checkpoint
 
         model, name = str(tiny_checkpoint()), name or TINY_MODEL_NAME
     engine = LLMEngine(EngineConfig.from_options(model, args))
-    uvicorn.run(build_app(engine, name or model), host=host, port=port, log_level=log_level)
+    uvicorn.run(build_app(engine, name or model, server), host=host, port=port, log_level=log_level)
 
 
 if __name__ == "__main__":
