@@ -24,6 +24,8 @@ Hardening (`ServerConfig`; each field is a flag):
   (plus one chunk) is ever held.
 - Tokenizing and chat templating run in a worker thread while no step runs
   (`AsyncLLMEngine.between_steps_in_thread`), so /health and other calls are answered meanwhile.
+- A /v1/completions prompt list longer than `max_prompts_per_request` is a 400 (param "prompt"):
+  each prompt becomes an engine request, and a small body can hold very many.
 - /docs, /redoc and /openapi.json exist only with `enable_docs` (`--enable-docs`).
 
 `python -m fast.serve --help` imports neither torch nor the engine: they load when a server is
@@ -65,6 +67,7 @@ if TYPE_CHECKING:  # fast.engine imports torch; only building a server needs it
 
 TINY_MODEL_NAME = "pagedlm-tiny"  # served name of the embedded model (no --model given)
 DEFAULT_MAX_REQUEST_BODY_BYTES = 4 * 2**20  # ~1M token ids as JSON, or a very long text prompt
+DEFAULT_MAX_PROMPTS_PER_REQUEST = 1024  # a 4 MiB body could otherwise hold ~1M one-token prompts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,12 +76,16 @@ class ServerConfig:
 
     max_request_body_bytes: int = dataclasses.field(default=DEFAULT_MAX_REQUEST_BODY_BYTES, metadata={
         "help": "larger POST bodies are answered 413 without being read"})
+    max_prompts_per_request: int = dataclasses.field(default=DEFAULT_MAX_PROMPTS_PER_REQUEST, metadata={
+        "help": "a /v1/completions prompt list longer than this is a 400 (each prompt is an engine request)"})
     enable_docs: bool = dataclasses.field(default=False, metadata={
         "help": "serve /docs, /redoc and /openapi.json"})
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_request_body_bytes, int) or self.max_request_body_bytes < 1:
-            raise ValueError(f"max_request_body_bytes must be an integer >= 1, got {self.max_request_body_bytes!r}")
+        for name in ("max_request_body_bytes", "max_prompts_per_request"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------- the app
@@ -179,7 +186,11 @@ class _Api:
         req = parse_request(CompletionRequest, await _json_body(request, self.config.max_request_body_bytes))
         self._check_model(req.model)
         params = completion_params(req)
-        call = self._call("cmpl", req, params, completion_prompts(req))
+        prompts = completion_prompts(req)
+        if len(prompts) > self.config.max_prompts_per_request:
+            raise OpenAIError(400, f"prompt must be at most {self.config.max_prompts_per_request} prompts "
+                                   f"(--max-prompts-per-request), got {len(prompts)}", "prompt")
+        call = self._call("cmpl", req, params, prompts)
         stream = await self._submit(call, COMPLETION_RENAMES)
         if call.stream:
             return _sse_response(_stream_chunks(call, stream, "text_completion", completion_chunk_choice), stream)

@@ -28,6 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 OPTIONS = dict(max_num_seqs=4, max_model_len=512, block_size=16, num_kv_blocks=64)
 BODY_LIMIT = 64 * 1024  # bytes: small, so that "oversized" costs little
+MAX_PROMPTS = 8
 TIMEOUT_S = 20.0  # any single wait; a hang fails the test
 MODEL = "abuse"
 JSON = {"content-type": "application/json"}
@@ -40,7 +41,8 @@ def engine(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def server(engine):
-    with serve_in_thread(build_app(engine, MODEL, ServerConfig(max_request_body_bytes=BODY_LIMIT))) as url:
+    with serve_in_thread(build_app(engine, MODEL, ServerConfig(max_request_body_bytes=BODY_LIMIT,
+                                                               max_prompts_per_request=MAX_PROMPTS))) as url:
         yield url
 
 
@@ -214,6 +216,17 @@ def test_a_huge_n_is_rejected_naming_n(http, engine):
         r = http.post("/v1/completions", json={"prompt": "Once", "n": n, "max_tokens": 1})
         err = check_error(r.status_code, r.json(), 400, "n")
         assert str(max_n) in err["message"], err
+
+
+# ---------------------------------------------------------------------------------- many prompts
+def test_a_prompt_list_past_the_limit_is_rejected(http, engine):
+    """A small body can list very many prompts, each an engine request: capped per call."""
+    r = http.post("/v1/completions", json={"prompt": [[5]] * 4000, "max_tokens": 1})
+    err = check_error(r.status_code, r.json(), 400, "prompt")
+    assert str(MAX_PROMPTS) in err["message"] and "max-prompts-per-request" in err["message"], err
+    assert not engine.has_unfinished_requests()
+    ok = http.post("/v1/completions", json={"prompt": [[5, i] for i in range(MAX_PROMPTS)], "max_tokens": 1})
+    assert ok.status_code == 200 and len(ok.json()["choices"]) == MAX_PROMPTS, ok.text
 
 
 # ---------------------------------------------------------------------------------- disconnects

@@ -446,6 +446,8 @@ def test_docs_are_off_unless_enabled(engine):
 def test_server_config_is_validated():
     with pytest.raises(ValueError, match="^max_request_body_bytes must be"):
         ServerConfig(max_request_body_bytes=0)
+    with pytest.raises(ValueError, match="^max_prompts_per_request must be"):
+        ServerConfig(max_prompts_per_request=True)
 
 
 def test_help_shows_every_default_without_importing_torch():
@@ -470,8 +472,10 @@ def test_help_shows_every_default_without_importing_torch():
 def test_cli_flags_are_the_engine_options(tiny_model_dir):
     from fast.serve import parse_args
 
-    server = vars(parse_args(["--max-request-body-bytes", "1000", "--enable-docs"]))
-    assert ServerConfig(server["max_request_body_bytes"], server["enable_docs"]) == ServerConfig(1000, True)
+    server = vars(parse_args(["--max-request-body-bytes", "1000", "--max-prompts-per-request", "3", "--enable-docs"]))
+    fields = {k: server[k] for k in ServerConfig.__dataclass_fields__}
+    assert ServerConfig(**fields) == ServerConfig(max_request_body_bytes=1000, max_prompts_per_request=3,
+                                                  enable_docs=True)
     args = vars(parse_args(["--port", "9", "--max-num-seqs", "4", "--no-enable-prefix-caching", "--dtype",
                             "float32"]))
     assert (args.pop("port"), args.pop("model"), args.pop("host")) == (9, None, "127.0.0.1")
