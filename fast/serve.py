@@ -28,8 +28,9 @@ Hardening (`ServerConfig`; each field is a flag):
   each prompt becomes an engine request, and a small body can hold very many.
 - /docs, /redoc and /openapi.json exist only with `enable_docs` (`--enable-docs`).
 
-`python -m fast.serve --help` imports neither torch nor the engine: they load when a server is
-built.
+`python -m fast.serve --help` does not import the engine: `fast.engine` (and torch) load in
+`main`, when a server is built. (While `ref/__init__.py` imports `ref.engine` eagerly, torch still
+loads through `fast.config` -> `ref.config`.)
 """
 
 from __future__ import annotations
