@@ -6,12 +6,22 @@ A batch mixes decodes (query_len 1), fresh prefills (query_len == seq_len) and p
 over cached context, in random order, with lengths biased to block boundaries; each sequence's
 blocks are drawn without replacement from a pool larger than needed, so block tables are
 non-contiguous and unused blocks exist.
+
+`KernelTier` runs the kernel tier: a fixed list of targeted cases (`targeted_cases`) on every
+backend, then the random batches. Each batch is classified into the code paths it takes: the
+batch's own shape (`batch_paths`: decode-only or mixed, chunk over cached context, window, GQA
+group, dtype, ...) and, for a backend that exposes `launch_shape` (the Triton one), the kernel
+paths its launch implies (`launch_paths`: decode row block, tiles per program, query blocks per
+sequence, split-KV segments, ...). `KernelCoverage` records the paths reached per backend and
+fails naming every required path that no case reached.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from hypothesis import currently_in_test_context, note
@@ -23,8 +33,9 @@ from ref.paged_reference import batch_attention, write_sequence
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BLOCK_SIZES = (8, 16, 32)
-GROUPS = (1, 2, 4, 8)
-HEAD_DIMS = (32, 64, 128)
+GROUPS = (1, 2, 4, 6, 8)  # 6: not a power of two, so the Triton kernel masks padded head rows
+HEAD_DIMS = (32, 48, 64, 128)  # 48: not a power of two, so the Triton kernel masks padded dims
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 @dataclass(frozen=True)
@@ -182,8 +193,10 @@ def expected_outputs(batch: PagedBatch) -> list[torch.Tensor]:
     )
 
 
-def check_backend_matches_reference(backend: AttentionBackend, batch: PagedBatch) -> None:
-    """Run `backend` on the batch and compare each sequence with the oracle within ATTENTION_TOL."""
+def check_backend_matches_reference(backend: AttentionBackend, batch: PagedBatch, label: str | None = None) -> None:
+    """Run `backend` on the batch and compare each sequence with the oracle within ATTENTION_TOL.
+
+    `label` names the backend in a failure message (default: its `name`)."""
     if currently_in_test_context():
         note(batch.spec.describe())
     batch.metadata.check_invariants()
@@ -194,6 +207,299 @@ def check_backend_matches_reference(backend: AttentionBackend, batch: PagedBatch
     start = 0
     for i, (seq, expected) in enumerate(zip(batch.spec.seqs, expected_outputs(batch))):
         actual = out[start : start + seq.query_len].cpu()
-        name = f"{backend.name} sequence {i} (query_len={seq.query_len}, seq_len={seq.seq_len}) [query, head, dim]"
+        name = f"{label or backend.name} sequence {i} (query_len={seq.query_len}, seq_len={seq.seq_len}) [query, head, dim]"
         assert_close(name, actual, expected, atol, rtol)
         start += seq.query_len
+
+
+# ----------------------------------------------------------------------------- code paths
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# Paths every backend must reach: what the batch itself asks for.
+BATCH_PATHS: tuple[str, ...] = (
+    *(f"GQA group {g}" for g in GROUPS),
+    *(f"block_size {b}" for b in BLOCK_SIZES),
+    *(f"head_dim {d}" for d in HEAD_DIMS),
+    *DTYPE_NAMES.values(),
+    "decode-only batch",
+    "mixed batch: decodes beside prefills",
+    "fresh prefill",
+    "prefill chunk over cached context",
+    "decodes of unequal context lengths",
+    "context ends at a block boundary",
+    "context ends one past a block boundary",
+    "sliding window cuts a decode's context",
+    "sliding window cuts a prefill's context",
+)
+
+# Paths of a Triton-style launch (a backend exposing `launch_shape`), derived from the launch
+# it would choose; the split-KV ones are required of a backend that also has `with_kv_splits`.
+LAUNCH_PATHS: tuple[str, ...] = (
+    "BLOCK_M 16 (decode-only launch)",
+    "BLOCK_M 64 (launch with prefills)",
+    "padded GQA rows (group not a power of two)",
+    "padded head_dim",
+    "TILE spans several cache blocks",
+    "TILE is one cache block",
+    "several tiles in one program (online-softmax rescale)",
+    "several query blocks per sequence",
+    "query block past its sequence's queries (early exit)",
+    "sliding window skips whole tiles",
+)
+SPLIT_KV_PATHS: tuple[str, ...] = (
+    "split-KV",
+    "split-KV on a launch with prefills",
+    "split-KV under a sliding window",
+    "split-KV: segment of several tiles",
+    "split-KV: short last segment",
+    "split-KV: empty segment",
+)
+
+
+def batch_paths(spec: BatchSpec) -> set[str]:
+    """The paths a batch asks of any backend: its kinds of sequences, window cuts, shapes, dtype."""
+    paths = {f"GQA group {spec.group}", f"block_size {spec.block_size}", f"head_dim {spec.head_dim}",
+             DTYPE_NAMES[spec.dtype]}
+    decodes = [s for s in spec.seqs if s.query_len == 1]
+    prefills = [s for s in spec.seqs if s.query_len > 1]
+    if not prefills:
+        paths.add("decode-only batch")
+    elif decodes:
+        paths.add("mixed batch: decodes beside prefills")
+    if any(s.query_len == s.seq_len for s in prefills):
+        paths.add("fresh prefill")
+    if any(s.query_len < s.seq_len for s in prefills):
+        paths.add("prefill chunk over cached context")
+    if len({s.seq_len for s in decodes}) > 1:
+        paths.add("decodes of unequal context lengths")
+    for s in spec.seqs:
+        if s.seq_len % spec.block_size == 0:
+            paths.add("context ends at a block boundary")
+        elif s.seq_len > spec.block_size and s.seq_len % spec.block_size == 1:
+            paths.add("context ends one past a block boundary")
+        if spec.sliding_window is not None and s.seq_len > spec.sliding_window:
+            paths.add(f"sliding window cuts a {'decode' if s.query_len == 1 else 'prefill'}'s context")
+    return paths
+
+
+def launch_paths(spec: BatchSpec, launch: Any) -> set[str]:
+    """The kernel paths of a Triton-style launch of `spec`.
+
+    `launch` has the fields of `fast.attention.triton_backend.AttentionLaunch` (block_q,
+    heads_padded, group, head_dim_padded, tile, num_segments). The walk below mirrors the
+    kernel's program grid: (sequence, query block of block_q queries, kv head x segment); a
+    program covers the key tiles from its first query's window start to its last query, and
+    segment s of S takes tiles [lo + s * per, min(lo + (s + 1) * per, hi)), per = ceil((hi - lo) / S).
+    """
+    block_q, tile, num_segments = launch.block_q, launch.tile, launch.num_segments
+    max_query_len = max(s.query_len for s in spec.seqs)
+    paths = {f"BLOCK_M {block_q * launch.heads_padded} ({'decode-only launch' if max_query_len == 1 else 'launch with prefills'})",
+             "TILE is one cache block" if tile <= spec.block_size else "TILE spans several cache blocks"}
+    if launch.heads_padded > launch.group:
+        paths.add("padded GQA rows (group not a power of two)")
+    if launch.head_dim_padded > spec.head_dim:
+        paths.add("padded head_dim")
+    if num_segments > 1:
+        paths.add("split-KV")
+        if max_query_len > 1:
+            paths.add("split-KV on a launch with prefills")
+        if spec.sliding_window is not None:
+            paths.add("split-KV under a sliding window")
+    for seq in spec.seqs:
+        context = seq.seq_len - seq.query_len
+        for q_block in range(_cdiv(max_query_len, block_q)):
+            if q_block * block_q >= seq.query_len:
+                paths.add("query block past its sequence's queries (early exit)")
+                continue
+            if q_block > 0:
+                paths.add("several query blocks per sequence")
+            first_pos = context + q_block * block_q
+            kv_end = min(first_pos + block_q, seq.seq_len)
+            kv_start = 0 if spec.sliding_window is None else max(first_pos - spec.sliding_window + 1, 0)
+            lo, hi = kv_start // tile, _cdiv(kv_end, tile)
+            if lo > 0:
+                paths.add("sliding window skips whole tiles")
+            per = _cdiv(hi - lo, num_segments)
+            tiles = [max(0, min(lo + (s + 1) * per, hi) - (lo + s * per)) for s in range(num_segments)]
+            if max(tiles) > 1:
+                paths.add("several tiles in one program (online-softmax rescale)")
+                if num_segments > 1:
+                    paths.add("split-KV: segment of several tiles")
+            if num_segments > 1 and 0 in tiles:
+                paths.add("split-KV: empty segment")
+            if num_segments > 1 and any(0 < n < per for n in tiles):
+                paths.add("split-KV: short last segment")
+    return paths
+
+
+# ----------------------------------------------------------------------------- targeted cases
+
+
+@dataclass(frozen=True)
+class KernelCase:
+    """A hand-picked batch that reaches named paths. With `num_kv_splits` it runs on the
+    backend's `with_kv_splits(n)` twin, and is skipped for a backend without one."""
+
+    name: str
+    spec: BatchSpec
+    num_kv_splits: int | None = None
+
+
+def fixed_spec(lens: list[tuple[int, int]], block_size: int, **fields: Any) -> BatchSpec:
+    """(query_len, seq_len) sequences over shuffled block tables in a pool with 2 spare blocks."""
+    needed = [_cdiv(seq_len, block_size) for _, seq_len in lens]
+    num_blocks = sum(needed) + 2
+    pool = random.Random(sum(needed) * 31 + block_size).sample(range(num_blocks), sum(needed))
+    seqs = []
+    for (query_len, seq_len), n in zip(lens, needed):
+        seqs.append(SequenceSpec(query_len, seq_len, tuple(pool[:n])))
+        pool = pool[n:]
+    defaults: dict[str, Any] = dict(dtype=torch.float32, num_kv_heads=1, group=1, head_dim=32, sliding_window=None,
+                                    q_gain=1.0, seed=7)
+    return BatchSpec(block_size=block_size, num_blocks=num_blocks, seqs=tuple(seqs), **{**defaults, **fields})
+
+
+# Together these reach every path of BATCH_PATHS, LAUNCH_PATHS and SPLIT_KV_PATHS (the kernel
+# tier asserts it), each with small batches: Triton's CPU interpreter runs them in ~0.1 s each.
+TARGETED_CASES: tuple[KernelCase, ...] = (
+    KernelCase("decode-only: unequal contexts ending on and one past block boundaries, GQA 1",
+               fixed_spec([(1, 64), (1, 17), (1, 40)], 16, group=1)),
+    KernelCase("decode-only: GQA 8 over 2 kv heads, fp16, 4 blocks per tile",
+               fixed_spec([(1, 33), (1, 8)], 8, group=8, num_kv_heads=2, dtype=torch.float16)),
+    KernelCase("decode-only: GQA 2 over 2 kv heads, bf16, head_dim 64, window skipping a tile",
+               fixed_spec([(1, 70), (1, 6)], 32, group=2, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16,
+                     sliding_window=20)),
+    KernelCase("fresh prefill over two query blocks, GQA 4, fp16",
+               fixed_spec([(20, 20)], 16, group=4, dtype=torch.float16)),
+    KernelCase("mixed: chunk over cached context beside a decode and a prefill, GQA 8, bf16",
+               fixed_spec([(10, 45), (1, 30), (3, 3)], 8, group=8, dtype=torch.bfloat16)),
+    KernelCase("chunk and decode under a window skipping a tile, GQA 1",
+               fixed_spec([(12, 80), (1, 16)], 32, group=1, sliding_window=10, q_gain=4.0)),
+    KernelCase("padded GQA rows (group 6) and padded head_dim 48, mixed",
+               fixed_spec([(5, 9), (1, 40)], 16, group=6, head_dim=48)),
+    KernelCase("head_dim 128, GQA 4 over 2 kv heads, mixed, fp16",
+               fixed_spec([(1, 20), (4, 4)], 8, group=4, num_kv_heads=2, head_dim=128, dtype=torch.float16)),
+    KernelCase("split-KV x2: full, short last and several-tile segments",
+               fixed_spec([(1, 120), (1, 40), (1, 80)], 16, group=1, q_gain=4.0), num_kv_splits=2),
+    KernelCase("split-KV x4: empty segments, GQA 4 over 2 kv heads, fp16",
+               fixed_spec([(1, 70), (1, 10)], 8, group=4, num_kv_heads=2, dtype=torch.float16), num_kv_splits=4),
+    KernelCase("split-KV x2 on a launch with prefills and a chunk, bf16",
+               fixed_spec([(5, 40), (1, 33), (17, 17)], 16, group=4, num_kv_heads=2, dtype=torch.bfloat16),
+               num_kv_splits=2),
+    KernelCase("split-KV x2 under a sliding window, GQA 2",
+               fixed_spec([(1, 90), (1, 50)], 32, group=2, sliding_window=40), num_kv_splits=2),
+)
+
+
+# ----------------------------------------------------------------------------- the tier
+
+
+@dataclass
+class KernelCoverage:
+    """How often each backend's cases reached each path, against the paths it must reach."""
+
+    required: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    reached: dict[str, Counter] = field(default_factory=dict)
+
+    def record(self, backend: str, paths: set[str]) -> None:
+        self.reached.setdefault(backend, Counter()).update(paths)
+
+    def unreached(self) -> dict[str, list[str]]:
+        missing = {b: [p for p in paths if not self.reached.get(b, Counter())[p]] for b, paths in self.required.items()}
+        return {b: paths for b, paths in missing.items() if paths}
+
+    def check_minimum(self) -> None:
+        """Raise naming every required (backend, path) that no case reached."""
+        missing = self.unreached()
+        if missing:
+            listing = "; ".join(f"{b}: {', '.join(paths)}" for b, paths in sorted(missing.items()))
+            raise AssertionError(f"kernel paths never reached (coverage minimum): {listing}")
+
+    def summary(self) -> str:
+        lines = []
+        for backend, counts in sorted(self.reached.items()):
+            required = self.required.get(backend, ())
+            done = sum(1 for p in required if counts[p])
+            lines.append(f"{backend}: {done}/{len(required)} required paths, {len(counts)} reached: "
+                         + ", ".join(f"{p} x{n}" for p, n in sorted(counts.items())))
+        return "\n".join(lines)
+
+
+class KernelTier:
+    """The kernel tier against named backends: the targeted cases, then random batches.
+
+    Uses only the backends' public methods (`forward`, and if present `launch_shape` and
+    `with_kv_splits`), so the backends may be proxies of objects in the engine's process.
+    """
+
+    def __init__(self, backends: dict[str, Any], limits: dict[str, CaseLimits]) -> None:
+        self.backends = backends
+        self.limits = limits  # random batches, per backend name
+        self.coverage = KernelCoverage()
+        self._twins: dict[tuple[str, int], Any] = {}
+        self._has_launch = {name: hasattr(b, "launch_shape") for name, b in backends.items()}
+        self._splittable = {name: hasattr(b, "with_kv_splits") for name, b in backends.items()}
+        for name in backends:
+            required = BATCH_PATHS
+            if self._has_launch[name]:
+                required += LAUNCH_PATHS + (SPLIT_KV_PATHS if self._splittable[name] else ())
+            self.coverage.required[name] = required
+
+    def backend(self, name: str, num_kv_splits: int | None) -> Any:
+        if num_kv_splits is None:
+            return self.backends[name]
+        key = (name, num_kv_splits)
+        if key not in self._twins:
+            self._twins[key] = self.backends[name].with_kv_splits(num_kv_splits)
+        return self._twins[key]
+
+    def paths(self, name: str, num_kv_splits: int | None, batch: PagedBatch) -> set[str]:
+        spec = batch.spec
+        paths = batch_paths(spec)
+        if self._has_launch[name]:
+            launch = self.backend(name, num_kv_splits).launch_shape(
+                spec.num_kv_heads * spec.group, tuple(batch.k_cache.shape), batch.metadata)
+            paths |= launch_paths(spec, launch)
+        return paths
+
+    def run(self, name: str, spec: BatchSpec, num_kv_splits: int | None = None) -> set[str]:
+        """Check one batch on a backend (or its split-KV twin) and record the paths it reached."""
+        batch = build_batch(spec)
+        label = name if num_kv_splits is None else f"{name}(num_kv_splits={num_kv_splits})"
+        paths = self.paths(name, num_kv_splits, batch)
+        if currently_in_test_context():
+            note(f"{label} reaches: {', '.join(sorted(paths))}")
+        check_backend_matches_reference(self.backend(name, num_kv_splits), batch, label)
+        self.coverage.record(name, paths)
+        return paths
+
+    def run_targeted(self, cases: tuple[KernelCase, ...] = TARGETED_CASES) -> None:
+        """Each case on each backend, then the coverage minimum; raises naming the failed case."""
+        for name in sorted(self.backends):
+            for case in cases:
+                if case.num_kv_splits is not None and not self._splittable[name]:
+                    continue
+                label = name if case.num_kv_splits is None else f"{name}(num_kv_splits={case.num_kv_splits})"
+                try:
+                    self.run(name, case.spec, case.num_kv_splits)
+                except Exception as err:  # noqa: BLE001 - any failure is reported with the case's name
+                    raise AssertionError(
+                        f"kernel case {case.name!r} failed on {label}: {type(err).__name__}: {err}\n"
+                        f"  batch: {case.spec.describe()}") from err
+        self.coverage.check_minimum()
+
+    def random_cases(self) -> st.SearchStrategy:
+        """(backend name, batch, num_kv_splits): splits drawn only for a backend with a split twin."""
+        def for_backend(name: str) -> st.SearchStrategy:
+            splits = st.sampled_from((None, 2, 4)) if self._splittable[name] else st.just(None)
+            return st.tuples(st.just(name), batch_specs(self.limits[name]), splits)
+
+        return st.sampled_from(sorted(self.backends)).flatmap(for_backend)
+
+    def check_random(self, ctx: Any, case: tuple[str, BatchSpec, int | None]) -> None:
+        """The kernel tier's property body: one random batch on one backend."""
+        self.run(*case)

@@ -137,19 +137,17 @@ def build_families_vs_hf(ctx: Context):
 # ----------------------------------------------------------------------------- 2. kernel
 
 def build_kernels(ctx: Context):
+    """Targeted cases reaching every required kernel path first (a failure, or a path no case
+    reaches, fails the check naming it), then random batches; see conformance/kernels.py."""
     backends = ctx.hook("attention_backends")()
-    from conformance.kernels import CaseLimits, batch_specs, build_batch, check_backend_matches_reference
+    from conformance.kernels import CaseLimits, KernelTier
 
     limits = CaseLimits(max_seq_len=ctx.profile.kernel_max_seq_len, max_seqs=4)
     slow = CaseLimits(max_seq_len=48, max_seqs=3, max_kv_heads=1, head_dims=(32,))
-
-    def body(ctx, case):
-        name, spec = case
-        check_backend_matches_reference(backends[name], build_batch(spec))
-
-    cases = st.sampled_from(sorted(backends)).flatmap(
-        lambda n: st.tuples(st.just(n), batch_specs(slow if n == "triton" and not torch.cuda.is_available() else limits)))
-    return cases, body
+    interpreted = not torch.cuda.is_available()
+    tier = KernelTier(backends, {n: slow if n == "triton" and interpreted else limits for n in backends})
+    tier.run_targeted()
+    return tier.random_cases(), tier.check_random
 
 
 # ----------------------------------------------------------------------------- 3. allocator

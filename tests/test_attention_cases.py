@@ -36,3 +36,23 @@ def test_cache_holds_each_sequence_contiguous_kv(spec: BatchSpec) -> None:
     for seq, k, v in zip(spec.seqs, batch.keys, batch.values):
         assert torch.equal(read_sequence(batch.k_cache, seq.blocks, seq.seq_len), k)
         assert torch.equal(read_sequence(batch.v_cache, seq.blocks, seq.seq_len), v)
+
+
+def test_batch_paths_name_what_the_batch_asks_for() -> None:
+    from conformance.kernels import batch_paths, fixed_spec
+
+    paths = batch_paths(fixed_spec([(1, 32), (1, 17), (5, 40)], 16, group=6, head_dim=48, sliding_window=20))
+    assert {"GQA group 6", "head_dim 48", "block_size 16", "fp32", "mixed batch: decodes beside prefills",
+            "prefill chunk over cached context", "decodes of unequal context lengths",
+            "context ends at a block boundary", "context ends one past a block boundary",
+            "sliding window cuts a decode's context", "sliding window cuts a prefill's context"} <= paths
+    assert "decode-only batch" not in paths and "fresh prefill" not in paths
+    assert "decode-only batch" in batch_paths(fixed_spec([(1, 3)], 8))
+    assert "fresh prefill" in batch_paths(fixed_spec([(3, 3)], 8))
+
+
+def test_targeted_cases_reach_every_batch_path() -> None:
+    from conformance.kernels import BATCH_PATHS, TARGETED_CASES, batch_paths
+
+    reached = set().union(*(batch_paths(case.spec) for case in TARGETED_CASES if case.num_kv_splits is None))
+    assert set(BATCH_PATHS) - reached == set()

@@ -96,3 +96,54 @@ def test_engine_runs_on_the_triton_backend(tiny_model_dir) -> None:
     e = oracle.llm_engine
     check_request_outputs(e.model, e.model_config.eos_token_ids,
                           [(p["prompt_token_ids"], params) for p in prompts], oracle.generate(prompts, params), got)
+
+
+def test_launch_shape_is_the_launch_forward_uses() -> None:
+    """`launch_shape` is a pure function of sizes; its twin with fixed splits keeps the device."""
+    from fast.attention import AttentionMetadata
+
+    backend = TritonAttentionBackend(DEVICE)
+    decode = AttentionMetadata.from_lists([1, 1], [40, 9], [[0, 1, 2], [3]], 16, DEVICE)
+    mixed = AttentionMetadata.from_lists([1, 20], [40, 20], [[0, 1, 2], [3, 4]], 16, DEVICE)
+    shape = backend.launch_shape(8, (6, 16, 2, 48), decode)
+    assert (shape.group, shape.heads_padded, shape.block_q, shape.head_dim_padded, shape.tile) == (4, 4, 4, 64, 32)
+    assert backend.launch_shape(12, (6, 16, 2, 48), mixed).block_q == 64 // 8  # group 6 pads to 8 rows
+    twin = backend.with_kv_splits(4)
+    assert twin.device == backend.device and twin.launch_shape(8, (6, 16, 2, 48), decode).num_segments == 4
+    if not ON_GPU:
+        assert shape.num_segments == 1  # the automatic choice never splits off the GPU
+
+
+def test_targeted_kernel_cases_reach_every_required_triton_path() -> None:
+    """Classified by the launch the backend would choose (nothing runs): the fixed cases of the
+    kernel tier reach every batch, launch and split-KV path."""
+    from conformance.kernels import TARGETED_CASES, CaseLimits, KernelTier, build_batch
+
+    tier = KernelTier({"triton": TritonAttentionBackend(DEVICE)}, {"triton": CaseLimits()})
+    for case in TARGETED_CASES:
+        tier.coverage.record("triton", tier.paths("triton", case.num_kv_splits, build_batch(case.spec)))
+    assert tier.coverage.unreached() == {}, tier.coverage.unreached()
+
+
+def test_launch_paths_follow_the_kernel_grid() -> None:
+    """Hand-worked launches: the segments of each program, early exits, window-skipped tiles."""
+    from conformance.kernels import fixed_spec, launch_paths
+    from fast.attention.triton_backend import AttentionLaunch
+
+    def launch(block_q: int, num_segments: int = 1, group: int = 1, head_dim_padded: int = 32) -> AttentionLaunch:
+        return AttentionLaunch(group, group, head_dim_padded, block_q, 32, num_segments)
+
+    # 3 tiles over 4 segments: 1, 1, 1, 0 tiles; over 2 segments: 2, 1.
+    assert "split-KV: empty segment" in launch_paths(fixed_spec([(1, 70)], 16), launch(16, 4))
+    two = launch_paths(fixed_spec([(1, 70)], 16), launch(16, 2))
+    assert {"split-KV: short last segment", "split-KV: segment of several tiles"} <= two
+    assert "split-KV: empty segment" not in two
+    # 4 tiles over 2 segments: both full.
+    assert "split-KV: short last segment" not in launch_paths(fixed_spec([(1, 128)], 16), launch(16, 2))
+    # A 20-token prefill beside a decode with block_q 16: two query blocks, the decode's second exits.
+    mixed = launch_paths(fixed_spec([(20, 20), (1, 5)], 16), launch(16))
+    assert {"several query blocks per sequence", "query block past its sequence's queries (early exit)",
+            "BLOCK_M 16 (launch with prefills)"} <= mixed
+    # Window 10 at position 69: keys 60..69 lie in tile 1 and 2 only.
+    assert "sliding window skips whole tiles" in launch_paths(fixed_spec([(1, 70)], 16, sliding_window=10), launch(16))
+    assert "sliding window skips whole tiles" not in launch_paths(fixed_spec([(1, 70)], 16, sliding_window=40), launch(16))

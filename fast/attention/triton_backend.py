@@ -302,7 +302,7 @@ class TritonAttentionBackend(AttentionBackend):
         check_forward_args(q, k_cache, v_cache, metadata, sliding_window, out)
         if out is None:
             out = torch.empty_like(q)
-        launch = self._launch_shape(q, k_cache, metadata)
+        launch = self._launch_shape(q.shape[1], tuple(k_cache.shape), metadata, q.device)
         num_heads = q.shape[1]
         num_kv_heads = k_cache.shape[2]
         if launch.num_segments > 1:
@@ -346,20 +346,39 @@ class TritonAttentionBackend(AttentionBackend):
             )
         return out
 
-    def _launch_shape(self, q: torch.Tensor, k_cache: torch.Tensor, metadata: AttentionMetadata) -> AttentionLaunch:
+    def launch_shape(
+        self, num_heads: int, cache_shape: tuple[int, int, int, int], metadata: AttentionMetadata
+    ) -> AttentionLaunch:
+        """The launch `forward` chooses on this backend's device for q with `num_heads` heads over
+        a cache of `cache_shape` ([num_blocks, block_size, num_kv_heads, head_dim]).
+
+        A pure function of sizes (no tensor is read), so a test can tell which kernel path a batch
+        takes (split-KV, decode row block, tiles per program) without running it.
+        """
+        return self._launch_shape(num_heads, cache_shape, metadata, self.device)
+
+    def with_kv_splits(self, num_kv_splits: int | None) -> TritonAttentionBackend:
+        """A twin of this backend on the same device with `num_kv_splits` fixed (see the class doc):
+        reaches the split-KV path where the automatic choice would not (on CPU, short contexts)."""
+        return TritonAttentionBackend(self.device, num_kv_splits)
+
+    def _launch_shape(
+        self, num_heads: int, cache_shape: tuple[int, ...], metadata: AttentionMetadata, device: torch.device
+    ) -> AttentionLaunch:
         """Block sizes for this step: decode-only steps get the smallest row block."""
-        if q.device.type != "cuda" and not INTERPRETED:
-            raise RuntimeError(f"triton kernels on {q.device} need TRITON_INTERPRET=1 set before import")
-        group = q.shape[1] // k_cache.shape[2]
+        if device.type != "cuda" and not INTERPRETED:
+            raise RuntimeError(f"triton kernels on {device} need TRITON_INTERPRET=1 set before import")
+        _, block_size, num_kv_heads, head_dim = cache_shape
+        group = num_heads // num_kv_heads
         heads_padded = triton.next_power_of_2(group)
         block_m = max(DECODE_BLOCK_M if metadata.max_query_len == 1 else PREFILL_BLOCK_M, heads_padded)
         return AttentionLaunch(
             group=group,
             heads_padded=heads_padded,
-            head_dim_padded=max(MIN_DOT_SIZE, triton.next_power_of_2(q.shape[2])),
+            head_dim_padded=max(MIN_DOT_SIZE, triton.next_power_of_2(head_dim)),
             block_q=block_m // heads_padded,
-            tile=max(MIN_TILE, triton.next_power_of_2(k_cache.shape[1])),
-            num_segments=self.kv_splits_for(q.device, k_cache.shape[2], metadata),
+            tile=max(MIN_TILE, triton.next_power_of_2(block_size)),
+            num_segments=self.kv_splits_for(device, num_kv_heads, metadata),
         )
 
     def kv_splits_for(self, device: torch.device, num_kv_heads: int, metadata: AttentionMetadata) -> int:
