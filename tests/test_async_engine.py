@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import threading
 
@@ -10,7 +11,7 @@ import pytest
 from hypothesis import given, note, strategies as st
 
 from fast import LLM, LLMEngine, SamplingParams
-from fast.async_engine import AsyncLLMEngine, EngineDeadError, NewRequest, RequestStats
+from fast.async_engine import AsyncLLMEngine, EngineDeadError, NewRequest, RequestStats, TokenCountBound
 from fast.config import EngineConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -349,3 +350,40 @@ def test_overlong_prompts_are_rejected_before_tokenizing_or_copying(aengine, eng
         assert aengine.num_in_flight == 0
 
     asyncio.run(main())
+
+
+@given(text=st.text(min_size=1, max_size=200) | st.from_regex(r"[ a-z<>/s]{1,200}", fullmatch=True))
+def test_the_token_count_bound_never_exceeds_the_real_count(engine, text):
+    """The cheap pre-check must never reject a prompt the tokenizer would have accepted."""
+    bound = TokenCountBound(engine.codec.tokenizer)
+    assert bound.longest, "the tiny model's byte-level BPE should get a bound"
+    note(f"longest token: {bound.longest} bytes")
+    assert bound.min_tokens(text) <= len(engine.codec.encode(text))
+
+
+class _FakeTokenizer:
+    """Only what TokenCountBound reads: the tokenizer.json spec."""
+
+    def __init__(self, **spec):
+        base = {"normalizer": None, "pre_tokenizer": {"type": "ByteLevel"}, "added_tokens": [],
+                "model": {"type": "BPE", "vocab": {"a": 0, "abcd": 1}}}
+        self.backend_tokenizer = type("Backend", (), {"to_str": lambda _self: json.dumps({**base, **spec})})()
+
+
+@pytest.mark.parametrize("spec,longest", [
+    ({}, 4),
+    ({"added_tokens": [{"content": "<|long special|>", "lstrip": False, "rstrip": False}]}, 16),
+    ({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "behavior": "Isolated"}, {"type": "ByteLevel"}]}}, 4),
+    ({"normalizer": {"type": "NFC"}}, None),  # NFC can shrink the text
+    ({"pre_tokenizer": {"type": "Whitespace"}}, None),  # drops whitespace
+    ({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "behavior": "Removed"}, {"type": "ByteLevel"}]}}, None),
+    ({"added_tokens": [{"content": "<mask>", "lstrip": True, "rstrip": False}]}, None),  # swallows spaces
+    ({"model": {"type": "Unigram", "vocab": [["a", 0.0]]}}, None),
+])
+def test_the_token_count_bound_exists_only_where_it_is_sound(spec, longest):
+    bound = TokenCountBound(_FakeTokenizer(**spec))
+    assert bound.longest == longest
+    assert bound.min_tokens("x" * 40) == (-(-40 // longest) if longest else 0)
+    assert TokenCountBound(None).min_tokens("x" * 40) == 0
