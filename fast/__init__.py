@@ -1,13 +1,14 @@
 """fast: the paged, continuously batched engine. Same API as `ref`, proved equal by `conformance`.
 
-The names below load on first use (module `__getattr__`), so that importing a light submodule
+The names below load on first use (`ref.lazy`), so that importing a light submodule
 (`fast.config`, or `fast.serve` for `--help`) does not import torch through `fast.engine`.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ref.lazy import lazy_exports
 
 _EXPORTS = {  # name -> the module that defines it
     "LLM": "fast.llm", "LLMEngine": "fast.engine", "EngineConfig": "fast.config", "EngineMetrics": "fast.engine",
@@ -15,6 +16,7 @@ _EXPORTS = {  # name -> the module that defines it
     "Logprob": "ref.outputs",
 }
 __all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:
     from fast.config import EngineConfig
@@ -22,13 +24,3 @@ if TYPE_CHECKING:
     from fast.llm import LLM
     from ref.outputs import CompletionOutput, Logprob, RequestOutput
     from ref.sampling_params import SamplingParams
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'fast' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))

@@ -52,13 +52,14 @@ class LLM:
         batch = normalize_batch(prompts, sampling_params)
         if priority is not None and len(priority) != len(batch):
             raise ValueError(f"priority must have len(prompts)={len(batch)} entries, got {len(priority)}")
-        for prompt, params in batch:
-            engine.process(prompt, params)
+        processed = [engine.process(prompt, params) for prompt, params in batch]  # raises before queueing
         ids = []
-        for i, (prompt, params) in enumerate(batch):
+        for i, (p, params) in enumerate(processed):
             rid = str(self._next_id)
             self._next_id += 1
-            engine.add_request(rid, prompt, params, priority=priority[i] if priority else 0)
+            # Token ids, so the text is not tokenized a second time.
+            engine.add_request(rid, {"prompt_token_ids": p.prompt_token_ids, "prompt": p.prompt}, params,
+                               priority=priority[i] if priority else 0)
             ids.append(rid)
         finished: dict[str, RequestOutput] = {}
         bar = _progress(len(ids)) if use_tqdm else None

@@ -35,13 +35,13 @@ class LLM:
         """Outputs in input order. Every request is validated before any of them runs."""
         engine = self.llm_engine
         batch = normalize_batch(prompts, sampling_params)
-        for prompt, params in batch:  # raises before anything is queued
-            engine.process(prompt, params)
+        processed = [engine.process(prompt, params) for prompt, params in batch]  # raises before queueing
         ids = []
-        for prompt, params in batch:
+        for p, params in processed:
             rid = str(self._next_id)
             self._next_id += 1
-            engine.add_request(rid, prompt, params)
+            # Token ids, so the text is not tokenized a second time.
+            engine.add_request(rid, {"prompt_token_ids": p.prompt_token_ids, "prompt": p.prompt}, params)
             ids.append(rid)
         finished: dict[str, RequestOutput] = {}
         while len(finished) < len(ids):

@@ -460,12 +460,6 @@ def test_help_shows_every_default_without_importing_torch():
         if not text.startswith("-h, --help"):
             assert "default" in text, f"no default shown for: {text.strip()}"
     imported = {line.rsplit("|", 1)[1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
-    if "torch" in imported:
-        probe = subprocess.run([sys.executable, "-c", "import sys, ref.config; print('torch' in sys.modules)"],
-                               capture_output=True, text=True, timeout=120, check=True)
-        if probe.stdout.strip() == "True":
-            pytest.xfail("ref/__init__.py imports ref.engine (torch) eagerly, and fast.config imports ref.config; "
-                         "the ref package is not this module's to change")
     assert "torch" not in imported, "--help imported torch"
 
 
