@@ -447,6 +447,8 @@ def main(argv: list[str] | None = None) -> None:
         from ref.models import tiny_checkpoint
 
         model, name = str(tiny_checkpoint()), name or TINY_MODEL_NAME
+        print(f"Serving the embedded tiny model as {name!r}: its weights are random, so its text is "
+              "gibberish (expected). Pass --model DIR to serve a real checkpoint.", flush=True)
     engine = LLMEngine(EngineConfig.from_options(model, args))
     uvicorn.run(build_app(engine, name or model, server), host=host, port=port, log_level=log_level)
 
