@@ -12,15 +12,25 @@ Plug in another allocator with `make_allocator_machine(config, factory)`: `facto
 return an object with `KVCacheManager`'s public API (SPEC.md, "KV cache"), including the block
 choice rules (allocation pops the free-queue head, free appends last block first), because the
 model predicts exact block ids.
+
+Adversity: with `weak_block_hash` (3 buckets, blind to extra keys) most blocks collide, so a
+lookup that trusts hashes, compares only a block's own tokens, or ignores the cache salt returns
+another prefix's KV, and the model (which compares whole prefixes and salts) disagrees. Each
+run's `AllocatorCoverage` counts what happened (hits on shared and on free cached blocks,
+collisions rejected by kind, evictions) and `machines_then_coverage` fails the check if a
+required event never happened.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+import itertools
+import zlib
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from hypothesis import note
+from hypothesis import currently_in_test_context, note
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -43,6 +53,72 @@ def cdiv(a: int, b: int) -> int:
 
 def extra_keys(salt: str | None) -> tuple[Hashable, ...]:
     return () if salt is None else (salt,)
+
+
+WEAK_HASH_BUCKETS = 3
+
+
+def weak_block_hash(parent_hash: int | None, token_ids: tuple[int, ...], extra_keys: tuple[Hashable, ...]) -> int:
+    """A `hash_fn` for adversity: WEAK_HASH_BUCKETS values, and blind to the extra keys (salt), so
+    most distinct blocks collide and salted twins always do. Deterministic across processes."""
+    return zlib.crc32(repr((parent_hash, token_ids)).encode()) % WEAK_HASH_BUCKETS
+
+
+# Events of a run (counted by the model, so they are what the allocator had to get right).
+HIT = "prefix hit"
+HIT_SHARED = "hit on a block another request holds (ref_cnt > 1 after)"
+HIT_FREE = "hit revives a free cached block"
+COLLISION_TOKENS = "lookup rejected a hash collision: other tokens in the block"
+COLLISION_PREFIX = "lookup rejected a hash collision: same block tokens, other earlier tokens"
+COLLISION_SALT = "lookup rejected a hash collision: same tokens, other extra keys"
+COLLISION_UNCACHED = "computed block left uncached: its hash holds other content"
+EVICTED = "cached block evicted"
+REFUSED = "allocation refused: too few free blocks"
+CACHING_EVENTS = (HIT, EVICTED)  # required with prefix caching
+# and with the weak hash: hits of both kinds, and every kind of collision
+WEAK_HASH_EVENTS = (HIT_SHARED, HIT_FREE, COLLISION_TOKENS, COLLISION_PREFIX, COLLISION_SALT, COLLISION_UNCACHED)
+
+
+@dataclass
+class AllocatorCoverage:
+    """How often each machine's runs produced each event, against the events it must produce."""
+
+    required: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    reached: dict[str, Counter] = field(default_factory=dict)
+
+    def record(self, machine: str, events: Counter) -> None:
+        self.reached.setdefault(machine, Counter()).update(events)
+
+    def unreached(self) -> dict[str, list[str]]:
+        missing = {m: [e for e in events if not self.reached.get(m, Counter())[e]] for m, events in self.required.items()}
+        return {m: events for m, events in missing.items() if events}
+
+    def check_minimum(self) -> None:
+        """Raise naming every required event that no run of its machine produced."""
+        missing = self.unreached()
+        if missing:
+            listing = "; ".join(f"{m}: {', '.join(events)}" for m, events in sorted(missing.items()))
+            raise AssertionError(f"allocator events never produced (coverage minimum): {listing}")
+
+    def summary(self) -> str:
+        return "\n".join(f"{m}: " + ", ".join(f"{e} x{n}" for e, n in sorted(c.items()) if n)
+                         for m, c in sorted(self.reached.items()))
+
+
+def required_events(config: KVCacheConfig) -> tuple[str, ...]:
+    if not config.enable_prefix_caching:
+        return ()
+    return CACHING_EVENTS + (WEAK_HASH_EVENTS if config.hash_fn is weak_block_hash else ())
+
+
+def machines_then_coverage(machines: Iterable[type[AllocatorMachine]], coverage: AllocatorCoverage) -> Iterator:
+    """The allocator tier's run, lazily: each machine's scripted scenarios (`run_scenarios`), then
+    each machine class for Hypothesis to run, then the coverage minimum over all of them."""
+    machines = list(machines)
+    for machine in machines:
+        run_scenarios(machine)
+    yield from machines
+    coverage.check_minimum()
 
 
 @dataclass
@@ -72,6 +148,7 @@ class AllocatorModel:
     cached: dict[int, CachedContent] = field(default_factory=dict)  # block id -> its KV's identity
     requests: dict[str, ModelRequest] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=dict)
+    events: Counter = field(default_factory=Counter)  # what happened (see AllocatorCoverage)
 
     def __post_init__(self) -> None:
         self.free = list(range(self.config.num_blocks))
@@ -102,12 +179,21 @@ class AllocatorModel:
             owner = [b for b, c in self.cached.items() if c.block_hash == block_hash]
             wanted = CachedContent(tuple(tokens[:(i + 1) * self.bs]), salt, block_hash)
             if not owner or self.cached[owner[0]] != wanted:
+                if owner:
+                    self.events[self.collision_kind(self.cached[owner[0]], wanted)] += 1
                 break
             hit.append(owner[0])
+        if hit:
+            self.events[HIT] += 1
         self.counters["lookups"] += 1
         self.counters["queries"] += len(tokens)
         self.counters["hits"] += len(hit) * self.bs
         return hit
+
+    def collision_kind(self, cached: CachedContent, wanted: CachedContent) -> str:
+        if cached.prefix == wanted.prefix:
+            return COLLISION_SALT
+        return COLLISION_PREFIX if cached.prefix[-self.bs:] == wanted.prefix[-self.bs:] else COLLISION_TOKENS
 
     def pop_fresh(self, num_blocks: int) -> list[int]:
         taken = self.free[:num_blocks]
@@ -115,6 +201,7 @@ class AllocatorModel:
         for block in taken:
             if self.cached.pop(block, None) is not None:
                 self.counters["blocks_evicted"] += 1
+                self.events[EVICTED] += 1
             self.ref[block] = 1
         self.counters["blocks_allocated"] += num_blocks
         return taken
@@ -129,8 +216,12 @@ class AllocatorModel:
         num_tokens = len(hit) * self.bs + num_new
         num_fresh = cdiv(num_tokens, self.bs) - len(hit)
         if num_fresh > len(self.free) - sum(self.ref[b] == 0 for b in hit):
+            self.events[REFUSED] += 1
             return False
+        revived = sum(self.ref[b] == 0 for b in hit)
         self.take(hit)
+        shared = sum(self.ref[b] > 1 for b in hit)
+        self.events.update({HIT_FREE: revived, HIT_SHARED: shared} if hit else {})
         self.counters["blocks_reused"] += len(hit)
         table = hit + self.pop_fresh(num_fresh)
         self.requests[request_id] = ModelRequest(
@@ -142,6 +233,7 @@ class AllocatorModel:
         req = self.requests[request_id]
         num_fresh = cdiv(req.num_tokens + num_new, self.bs) - len(req.table)
         if num_fresh > len(self.free):
+            self.events[REFUSED] += 1
             return False
         req.table += self.pop_fresh(num_fresh)
         req.num_tokens += num_new
@@ -157,9 +249,12 @@ class AllocatorModel:
         hashes = self.block_hashes(req.tokens, req.salt, num_full)
         for i in range(req.num_keyed, num_full):
             block = req.table[i]
-            hash_taken = any(c.block_hash == hashes[i] for c in self.cached.values())
-            if block not in self.cached and not hash_taken:
-                self.cached[block] = CachedContent(tuple(req.tokens[:(i + 1) * self.bs]), req.salt, hashes[i])
+            content = CachedContent(tuple(req.tokens[:(i + 1) * self.bs]), req.salt, hashes[i])
+            taken_by = [c for c in self.cached.values() if c.block_hash == hashes[i]]
+            if block not in self.cached and not taken_by:
+                self.cached[block] = content
+            elif taken_by and taken_by[0] != content and self.cached.get(block) != content:
+                self.events[COLLISION_UNCACHED] += 1
         req.num_keyed = num_full
 
     def fork(self, parent_id: str, child_id: str) -> list[tuple[int, int]] | None:
@@ -198,6 +293,7 @@ class AllocatorMachine(RuleBasedStateMachine):
 
     config: KVCacheConfig = KVCacheConfig(num_blocks=6, block_size=2)
     factory: Callable[[KVCacheConfig], Any] = KVCacheManager
+    coverage: AllocatorCoverage | None = None  # where each run's events are recorded
 
     def __init__(self) -> None:
         super().__init__()
@@ -205,6 +301,26 @@ class AllocatorMachine(RuleBasedStateMachine):
         self.model = AllocatorModel(self.config)
         self.prompts_seen: list[list[int]] = []  # prompts of added requests, to build on
         self.next_request = 0
+        self.cached_in_use: dict[int, set[str]] = {}  # at the last check: cached block -> requests holding it
+        self.trace: list[str] = []  # the steps of a scripted scenario
+
+    def teardown(self) -> None:
+        if self.coverage is not None:
+            self.coverage.record(type(self).__name__, self.model.events)
+
+    def log(self, message: str) -> None:
+        """Note a step: in the Hypothesis trace when under Hypothesis, else in `self.trace`."""
+        if currently_in_test_context():
+            note(message)
+        else:
+            self.trace.append(message)
+
+    def check_all_invariants(self) -> None:
+        """Every @invariant, as Hypothesis runs them after each rule (for scripted scenarios)."""
+        for name in sorted(dir(type(self))):
+            method = getattr(type(self), name)
+            if getattr(method, "hypothesis_stateful_invariant", None) is not None:
+                method(self)
 
     # ---- strategies and helpers --------------------------------------------------------------
 
@@ -240,7 +356,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         hit = self.kv.get_computed_blocks(prompt, salt)
         expected = self.model.lookup(prompt, salt)
         actual = [block.block_id for block in hit.blocks]
-        note(f"lookup {prompt} salt={salt!r}: hit blocks {actual}, {hit.num_computed_tokens} tokens")
+        self.log(f"lookup {prompt} salt={salt!r}: hit blocks {actual}, {hit.num_computed_tokens} tokens")
         assert actual == expected, f"hit blocks {actual}, model expects {expected}"
         assert hit.num_computed_tokens == len(expected) * self.bs
         assert hit.num_computed_tokens < len(prompt), "a hit must leave the last prompt token to compute"
@@ -254,21 +370,34 @@ class AllocatorMachine(RuleBasedStateMachine):
         prompt = self.draw_prompt(data)
         salt = data.draw(st.sampled_from(SALTS), label="salt")
         hit = self.check_lookup(prompt, salt)
-        remaining = len(prompt) - hit.num_computed_tokens
-        num_new = data.draw(st.integers(1, remaining), label="chunk")
+        num_new = data.draw(st.integers(1, len(prompt) - hit.num_computed_tokens), label="chunk")
+        request_id = self.allocate_new(prompt, salt, hit, num_new)
+        if request_id is not None and data.draw(st.booleans(), label="compute now"):
+            self.run_forward(request_id)
+
+    def allocate_new(self, prompt: list[int], salt: str | None, hit: Any, num_new: int) -> str | None:
+        """Allocate a looked-up prompt's next `num_new` tokens as a new request: its id, or None
+        when there is no room (as the model predicts)."""
         request_id = self.new_request_id()
         before = self.snapshot()
         ok = self.kv.allocate_slots(request_id, num_new, hit)
         expected = self.model.add(request_id, prompt, salt, [b.block_id for b in hit.blocks], num_new)
-        note(f"add {request_id} ({num_new} new tokens): {'ok' if ok else 'no room'}")
+        self.log(f"add {request_id} ({num_new} new tokens): {'ok' if ok else 'no room'}")
         assert ok == expected, f"allocate_slots returned {ok}, model expects {expected}"
         if not ok:
             assert self.snapshot() == before, "a failed allocation changed the allocator"
             assert not self.kv.has_request(request_id)
-            return
+            return None
         self.prompts_seen.append(prompt)
-        if data.draw(st.booleans(), label="compute now"):
+        return request_id
+
+    def add_computed(self, prompt: list[int], salt: str | None) -> str | None:
+        """Scripted add: look the prompt up, allocate the rest of it and compute it."""
+        hit = self.check_lookup(prompt, salt)
+        request_id = self.allocate_new(prompt, salt, hit, len(prompt) - hit.num_computed_tokens)
+        if request_id is not None:
             self.run_forward(request_id)
+        return request_id
 
     @precondition(lambda self: self.idle_ids())
     @rule(data=st.data())
@@ -283,7 +412,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         before = self.snapshot()
         ok = self.kv.allocate_slots(request_id, num_new)
         expected = self.model.grow(request_id, num_new)
-        note(f"schedule {request_id} +{num_new}: {'ok' if ok else 'no room'}")
+        self.log(f"schedule {request_id} +{num_new}: {'ok' if ok else 'no room'}")
         assert ok == expected, f"allocate_slots returned {ok}, model expects {expected}"
         if not ok:
             assert self.snapshot() == before, "a failed allocation changed the allocator"
@@ -304,7 +433,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         assert slots == expected_slots, f"slot_mapping {slots}, model expects {expected_slots}"
         self.model.compute(request_id)
         self.kv.cache_full_blocks(request_id, req.tokens, req.num_computed)
-        note(f"compute {request_id} up to {req.num_computed} tokens")
+        self.log(f"compute {request_id} up to {req.num_computed} tokens")
 
     @precondition(lambda self: self.idle_ids())
     @rule(data=st.data())
@@ -315,7 +444,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         before = self.snapshot()
         copies = self.kv.fork(parent_id, child_id)
         expected = self.model.fork(parent_id, child_id)
-        note(f"fork {parent_id} -> {child_id}: copies {copies}")
+        self.log(f"fork {parent_id} -> {child_id}: copies {copies}")
         actual = None if copies is None else [tuple(copy) for copy in copies]
         assert actual == expected, f"fork returned {actual}, model expects {expected}"
         if copies is None:
@@ -352,20 +481,21 @@ class AllocatorMachine(RuleBasedStateMachine):
         """Reset the prefix cache; refused while any block is in use."""
         ok = self.kv.reset_prefix_cache()
         expected = self.model.reset()
-        note(f"reset_prefix_cache: {ok}")
+        self.log(f"reset_prefix_cache: {ok}")
         assert ok == expected, f"reset_prefix_cache returned {ok}, model expects {expected}"
 
     @rule(data=st.data())
     def probe(self, data: st.DataObject) -> None:
         """Look a prompt up without allocating: the hit is as modelled and nothing else changes."""
-        prompt = self.draw_prompt(data)
-        salt = data.draw(st.sampled_from(SALTS), label="salt")
+        self.probe_prompt(self.draw_prompt(data), data.draw(st.sampled_from(SALTS), label="salt"))
+
+    def probe_prompt(self, prompt: list[int], salt: str | None) -> None:
         before = self.snapshot()[:3]  # the lookup counters may change, nothing else
         self.check_lookup(prompt, salt)
         assert self.snapshot()[:3] == before, "a lookup changed the allocator"
 
     def release(self, request_id: str) -> None:
-        note(f"free {request_id}")
+        self.log(f"free {request_id}")
         self.kv.free(request_id)
         self.model.release(request_id)
         assert not self.kv.has_request(request_id)
@@ -375,6 +505,23 @@ class AllocatorMachine(RuleBasedStateMachine):
     @invariant()
     def allocator_invariants_hold(self) -> None:
         self.kv.check_invariants()
+
+    @invariant()
+    def cached_blocks_in_use_are_never_evicted(self) -> None:
+        """A cached block that requests hold keeps its cache entry while any of them holds it:
+        only a free block (ref_cnt 0) may be evicted, never a shared one."""
+        cached = self.kv.cached_block_ids()
+        holders: dict[int, set[str]] = {}
+        for request_id in self.model.requests:
+            for block in self.kv.get_block_table(request_id):
+                holders.setdefault(block, set()).add(request_id)
+        for block, before in self.cached_in_use.items():
+            still = before & holders.get(block, set())
+            assert not still or block in cached, (
+                f"block {block} lost its cache entry (evicted) while {sorted(still)} held it "
+                f"(ref_cnt {len(holders[block])})"
+            )
+        self.cached_in_use = {block: ids for block, ids in holders.items() if block in cached}
 
     @invariant()
     def free_queue_matches_model(self) -> None:
@@ -418,6 +565,93 @@ def make_allocator_machine(
     config: KVCacheConfig,
     factory: Callable[[KVCacheConfig], Any] = KVCacheManager,
     name: str = "AllocatorMachine",
+    coverage: AllocatorCoverage | None = None,
 ) -> type[AllocatorMachine]:
-    """An `AllocatorMachine` subclass for one pool shape and allocator; use its `.TestCase`."""
-    return type(name, (AllocatorMachine,), {"config": config, "factory": staticmethod(factory)})
+    """An `AllocatorMachine` subclass for one pool shape and allocator; use its `.TestCase`.
+    With `coverage`, its runs' events are recorded there, and the events `config` requires
+    (see `required_events`) are registered under `name`."""
+    if coverage is not None:
+        coverage.required[name] = required_events(config)
+    return type(name, (AllocatorMachine,), {"config": config, "factory": staticmethod(factory), "coverage": coverage})
+
+
+# ----------------------------------------------------------------------------- scripted scenarios
+# Each reaches some required events on purpose, so the coverage minimum does not hang on luck.
+# `step(method, *args)` calls a machine method, then checks every invariant.
+
+
+def hits_and_evictions(step: Callable[..., Any], config: KVCacheConfig) -> None:
+    """A computed prompt is hit while its request holds it (shared) and, while both hold it,
+    another prompt caches more blocks (the shared ones must keep their entries); once all are
+    freed the prompt is hit again (revived); then a prompt needing every block evicts them all."""
+    bs = config.block_size
+    prompt = [1] * (2 * bs + 1)
+    first = step("add_computed", prompt, None)
+    second = step("add_computed", prompt, None)
+    third = step("add_computed", [2] * (2 * bs), None)
+    for request_id in (first, second, third):
+        step("release", request_id)
+    step("release", step("add_computed", prompt, None))
+    step("add_computed", [0] * (config.num_blocks * bs), None)
+
+
+def _small_blocks(config: KVCacheConfig) -> list[tuple[int, ...]]:
+    return list(itertools.product(range(3), repeat=config.block_size))
+
+
+def colliding_blocks(step: Callable[..., Any], config: KVCacheConfig) -> None:
+    """Two blocks of other tokens under one hash (if the hash has such a pair): the second is
+    rejected at lookup, and stays uncached once computed; a salted lookup of the first is
+    rejected too when the hash ignores the salt."""
+    h = config.hash_fn
+    blocks = _small_blocks(config)
+    pair = next(((u, v) for u in blocks for v in blocks if u != v and h(None, u, ()) == h(None, v, ())), None)
+    if pair is None:
+        return
+    u, v = pair
+    first = step("add_computed", [*u, 0], None)
+    step("probe_prompt", [*v, 0], None)
+    step("probe_prompt", [*u, 0], SALTS[1])
+    step("add_computed", [*v, 0], None)
+    step("release", first)
+
+
+def same_tokens_other_prefix(step: Callable[..., Any], config: KVCacheConfig) -> None:
+    """A block cached behind another one, and a prompt starting with the same tokens, under one
+    hash (if the hash has such a pair): the lookup must compare the whole prefix and reject it."""
+    h = config.hash_fn
+    blocks = _small_blocks(config)
+    pair = next(((q, x) for q in blocks for x in blocks
+                 if h(h(None, q, ()), x, ()) == h(None, x, ()) != h(None, q, ())), None)
+    if pair is None:
+        return
+    q, x = pair
+    step("add_computed", [*q, *x, 0], None)
+    step("probe_prompt", [*x, 0], None)
+
+
+SCENARIOS = (hits_and_evictions, colliding_blocks, same_tokens_other_prefix)
+
+
+def run_scenarios(machine_class: type[AllocatorMachine]) -> None:
+    """Each scenario on a fresh machine of `machine_class` (with prefix caching: the scenarios are
+    about it); raises naming the scenario and its steps."""
+    if not machine_class.config.enable_prefix_caching:
+        return
+    for scenario in SCENARIOS:
+        machine = machine_class()
+
+        def step(method: str, *args: Any) -> Any:
+            result = getattr(machine, method)(*args)
+            machine.check_all_invariants()
+            return result
+
+        try:
+            machine.check_all_invariants()
+            scenario(step, machine.config)
+        except Exception as err:  # noqa: BLE001 - any failure is reported with the scenario's steps
+            raise AssertionError(
+                f"allocator scenario {scenario.__name__!r} on {machine_class.__name__} failed: "
+                f"{type(err).__name__}: {err}\n  steps: {'; '.join(machine.trace)}") from err
+        finally:
+            machine.teardown()

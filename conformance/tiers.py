@@ -153,13 +153,18 @@ def build_kernels(ctx: Context):
 # ----------------------------------------------------------------------------- 3. allocator
 
 def build_allocator(ctx: Context):
+    """Small pools, prefix caching on and off, and a weak hash (3 buckets, salt-blind) under which
+    most blocks collide; fails too if no run produced hits, rejected collisions or evictions."""
     factory = ctx.hook("allocator_factory")
-    from conformance.allocator import make_allocator_machine
+    from conformance.allocator import AllocatorCoverage, machines_then_coverage, make_allocator_machine, weak_block_hash
     from fast.kv_cache_manager import KVCacheConfig
 
-    configs = [KVCacheConfig(num_blocks=n, block_size=b, enable_prefix_caching=c)
-               for n, b, c in ((6, 2, True), (10, 4, True), (5, 1, False))]
-    return [make_allocator_machine(c, factory, f"Allocator_{i}") for i, c in enumerate(configs)], None
+    configs = {f"Allocator_{i}": KVCacheConfig(num_blocks=n, block_size=b, enable_prefix_caching=c)
+               for i, (n, b, c) in enumerate(((6, 2, True), (10, 4, True), (5, 1, False)))}
+    configs["Allocator_weak_hash"] = KVCacheConfig(num_blocks=6, block_size=2, hash_fn=weak_block_hash)
+    coverage = AllocatorCoverage()
+    machines = [make_allocator_machine(c, factory, name, coverage) for name, c in configs.items()]
+    return machines_then_coverage(machines, coverage), None
 
 
 # ----------------------------------------------------------------------------- 4. scheduler

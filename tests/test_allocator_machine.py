@@ -64,3 +64,37 @@ def test_machine_catches_mutant(mutant):
     )
     with pytest.raises(AssertionError):
         run_state_machine_as_test(machine, settings=quick)
+
+
+def test_weak_block_hash_has_three_buckets_and_ignores_the_salt():
+    from conformance.allocator import WEAK_HASH_BUCKETS, weak_block_hash
+
+    values = {weak_block_hash(p, (a, b), ()) for p in (None, 0, 1, 2) for a in range(4) for b in range(4)}
+    assert values == set(range(WEAK_HASH_BUCKETS))
+    assert weak_block_hash(None, (1, 2), ("salt-a",)) == weak_block_hash(None, (1, 2), ())
+
+
+def test_scenarios_alone_reach_every_required_event():
+    """The scripted scenarios produce every event the coverage minimum asks of the tier's pools,
+    whatever the random runs then do."""
+    from conformance.allocator import AllocatorCoverage, run_scenarios, weak_block_hash
+
+    coverage = AllocatorCoverage()
+    configs = {"6x2": KVCacheConfig(num_blocks=6, block_size=2), "10x4": KVCacheConfig(num_blocks=10, block_size=4),
+               "5x1-no-cache": KVCacheConfig(num_blocks=5, block_size=1, enable_prefix_caching=False),
+               "6x2-weak": KVCacheConfig(num_blocks=6, block_size=2, hash_fn=weak_block_hash)}
+    for name, config in configs.items():
+        run_scenarios(make_allocator_machine(config, name=name, coverage=coverage))
+    coverage.check_minimum()
+    assert len(coverage.required["6x2-weak"]) == 8
+
+
+def test_coverage_minimum_names_the_missing_events():
+    from collections import Counter
+
+    from conformance.allocator import COLLISION_SALT, HIT, AllocatorCoverage
+
+    coverage = AllocatorCoverage(required={"m": (HIT, COLLISION_SALT)})
+    coverage.record("m", Counter({HIT: 3}))
+    with pytest.raises(AssertionError, match="coverage minimum.*m: lookup rejected a hash collision: same tokens, other extra keys"):
+        coverage.check_minimum()

@@ -127,3 +127,82 @@ def test_split_kv_knob_ignored_fails_the_coverage_minimum(tiny_model_dir, monkey
     monkeypatch.setattr(TritonAttentionBackend, "kv_splits_for", lambda self, device, heads, metadata: 1)
     assert_caught(run_kernel_tier(tiny_model_dir), "kernel paths never reached (coverage minimum)",
                   "triton: split-KV, split-KV on a launch with prefills")
+
+
+# ----------------------------------------------------------------------------- allocator: prefix caching under adversity
+# The allocator tier's weak hash (3 buckets, salt-blind) makes most blocks collide; its scripted
+# scenarios then fail on any lookup that trusts less than the whole prefix and salt.
+
+def run_allocator_tier(model_dir: str) -> CheckResult:
+    check = next(c for c in CHECKS if c.tier == "allocator")
+    make = lambda d, **o: FastAdapter(d, **o)  # noqa: E731
+    ctx = Context(adapter=make(model_dir, max_model_len=MAX_MODEL_LEN), model_dir=model_dir, profile=PROFILE,
+                  make_adapter=make)
+    return run_check(check, ctx, seed=None, shrink=False, replay="")  # derandomized: reproducible
+
+
+def test_clean_allocator_passes(tiny_model_dir):
+    result = run_allocator_tier(tiny_model_dir)
+    assert result.status == "passed", result.message
+
+
+def test_hash_only_cache_lookup_is_caught(tiny_model_dir, monkeypatch):
+    """The pool returns whatever block holds the hash, without comparing the tokens."""
+    from fast.block_pool import BlockPool
+
+    monkeypatch.setattr(BlockPool, "lookup", lambda self, key: self._cache_index.get(key.block_hash))
+    assert_caught(run_allocator_tier(tiny_model_dir), "allocator scenario", "on Allocator_weak_hash", "model expects []")
+
+
+def test_lookup_comparing_only_the_last_block_is_caught(tiny_model_dir, monkeypatch):
+    """Keys compared on their own block's tokens and salt, not on the tokens before it. fast's own
+    `check_invariants` would notice the broken key chain; it is switched off here, as in an
+    allocator without one, to show the machine's model catches the wrong hit itself."""
+    from fast.block_pool import BlockKey
+    from fast.kv_cache_manager import KVCacheManager
+
+    monkeypatch.setattr(KVCacheManager, "check_invariants", lambda self: None)
+
+    def same_block(self, other):
+        return (self.block_hash, self.token_ids, self.extra_keys) == (other.block_hash, other.token_ids, other.extra_keys)
+
+    monkeypatch.setattr(BlockKey, "same_content", same_block)
+    assert_caught(run_allocator_tier(tiny_model_dir),
+                  "allocator scenario 'same_tokens_other_prefix' on Allocator_weak_hash", "model expects []")
+
+
+def test_lookup_ignoring_the_salt_is_caught(tiny_model_dir, monkeypatch):
+    """Keys compared on tokens and parents but not on the extra keys: with a salt-blind hash one
+    tenant's lookup returns another tenant's KV."""
+    from fast.block_pool import BlockKey
+
+    def salt_blind(self, other):
+        mine, theirs = self, other
+        while mine is not theirs:
+            if mine is None or theirs is None or (mine.block_hash, mine.token_ids) != (theirs.block_hash, theirs.token_ids):
+                return False
+            mine, theirs = mine.parent, theirs.parent
+        return True
+
+    monkeypatch.setattr(BlockKey, "same_content", salt_blind)
+    result = run_allocator_tier(tiny_model_dir)
+    assert_caught(result, "allocator scenario 'colliding_blocks' on Allocator_weak_hash", "model expects []")
+    assert "lookup [0, 0, 0] salt='salt-a': hit blocks [0]" in result.message  # the salted lookup hit
+
+
+def test_cache_index_evicting_a_block_in_use_is_caught(tiny_model_dir, monkeypatch):
+    """A capped cache index drops its oldest entry to make room, even while requests hold that
+    block (its own invariants stay true: only the machine's eviction rule can tell)."""
+    from fast.block_pool import BlockPool
+
+    original = BlockPool.cache_block
+
+    def capped(self, block, key):
+        if key.block_hash not in self._cache_index and len(self._cache_index) >= 2:
+            oldest = next(iter(self._cache_index.values()))
+            del self._cache_index[oldest.cache_key.block_hash]
+            oldest.cache_key = None
+        return original(self, block, key)
+
+    monkeypatch.setattr(BlockPool, "cache_block", capped)
+    assert_caught(run_allocator_tier(tiny_model_dir), "lost its cache entry (evicted) while", "held it")
