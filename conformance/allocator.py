@@ -15,10 +15,11 @@ model predicts exact block ids.
 
 Adversity: with `weak_block_hash` (3 buckets, blind to extra keys) most blocks collide, so a
 lookup that trusts hashes, compares only a block's own tokens, or ignores the cache salt returns
-another prefix's KV, and the model (which compares whole prefixes and salts) disagrees. Each
-run's `AllocatorCoverage` counts what happened (hits on shared and on free cached blocks,
-collisions rejected by kind, evictions) and `machines_then_coverage` fails the check if a
-required event never happened.
+another prefix's KV, and the model (which compares whole prefixes and salts) disagrees. The
+model counts what happened (hits on shared and on free cached blocks, collisions rejected by
+kind, evictions) into an `AllocatorCoverage`. `machines_then_coverage` runs the tier: scripted
+scenarios that produce every required event on purpose (`SCENARIOS`), then the random machines,
+then fails the check naming any required event that never happened.
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ class AllocatorCoverage:
         self.reached.setdefault(machine, Counter()).update(events)
 
     def unreached(self) -> dict[str, list[str]]:
-        missing = {m: [e for e in events if not self.reached.get(m, Counter())[e]] for m, events in self.required.items()}
+        missing = {m: [e for e in events if not self.reached.get(m, Counter())[e]]
+                   for m, events in self.required.items()}
         return {m: events for m, events in missing.items() if events}
 
     def check_minimum(self) -> None:

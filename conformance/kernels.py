@@ -297,7 +297,8 @@ def launch_paths(spec: BatchSpec, launch: Any) -> set[str]:
     """
     block_q, tile, num_segments = launch.block_q, launch.tile, launch.num_segments
     max_query_len = max(s.query_len for s in spec.seqs)
-    paths = {f"BLOCK_M {block_q * launch.heads_padded} ({'decode-only launch' if max_query_len == 1 else 'launch with prefills'})",
+    kind = "decode-only launch" if max_query_len == 1 else "launch with prefills"
+    paths = {f"BLOCK_M {block_q * launch.heads_padded} ({kind})",
              "TILE is one cache block" if tile <= spec.block_size else "TILE spans several cache blocks"}
     if launch.heads_padded > launch.group:
         paths.add("padded GQA rows (group not a power of two)")
@@ -409,7 +410,8 @@ class KernelCoverage:
         self.reached.setdefault(backend, Counter()).update(paths)
 
     def unreached(self) -> dict[str, list[str]]:
-        missing = {b: [p for p in paths if not self.reached.get(b, Counter())[p]] for b, paths in self.required.items()}
+        missing = {b: [p for p in paths if not self.reached.get(b, Counter())[p]]
+                   for b, paths in self.required.items()}
         return {b: paths for b, paths in missing.items() if paths}
 
     def check_minimum(self) -> None:
