@@ -171,9 +171,9 @@ def build_allocator(ctx: Context):
 
 def build_scheduler(ctx: Context):
     factory = ctx.hook("scheduler_factory")
-    from conformance.scheduler_machine import make_scheduler_machine
+    from conformance.scheduler_machine import PRESSURE_SETUP, make_scheduler_machine
 
-    return [make_scheduler_machine(factory)], None
+    return [make_scheduler_machine(factory), make_scheduler_machine(factory, "SchedulerUnderPressure", PRESSURE_SETUP)], None
 
 
 # ----------------------------------------------------------------------------- 5. end-to-end

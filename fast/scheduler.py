@@ -172,7 +172,9 @@ class Scheduler:
     def _pick_victim(self) -> Request:
         if self.config.policy == "priority":
             return max(self.running, key=lambda r: (r.priority, r.arrival))
-        return max(self.running, key=lambda r: r.arrival)  # the latest admitted
+        # The latest admitted: the running list's tail. Not the largest `arrival`: a forked sample
+        # (n > 1) joins the running set after requests that arrived after its group.
+        return self.running[-1]
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         """Preempt by recompute: free all blocks; it restarts from token 0 (prefix hits allowed)."""
@@ -181,7 +183,7 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         request.status = Status.WAITING
-        self.waiting.appendleft(request)
+        self.waiting.appendleft(request)  # each victim is prepended: the last one chosen is first
         self.num_preemptions += 1
         out.preempted.append(request)
 
@@ -219,7 +221,7 @@ class Scheduler:
     # ------------------------------------------------------------------ invariants
     def check_invariants(self, out: SchedulerOutput | None = None) -> None:
         cfg = self.config
-        assert len(self.running) <= cfg.max_num_seqs, (len(self.running), cfg.max_num_seqs)
+        assert len(self.running) <= cfg.max_num_seqs, f"{len(self.running)} running > max_num_seqs {cfg.max_num_seqs}"
         running_ids = {id(r) for r in self.running}
         assert not running_ids & {id(r) for r in self.waiting}, "a request is both waiting and running"
         for r in self.running:

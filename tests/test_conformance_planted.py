@@ -15,12 +15,12 @@ from conformance.tiers import CHECKS, MAX_MODEL_LEN, Context, Profile
 PROFILE = Profile("planted", examples=12, max_requests=10, stateful_steps=40, families=False, kernel_max_seq_len=64)
 
 
-def run(tier: str, name: str, model_dir: str):
+def run(tier: str, name: str, model_dir: str, seed: int | None = 1234):
     check = next(c for c in CHECKS if c.tier == tier and c.name == name)
     make = lambda d, **o: FastAdapter(d, **o)  # noqa: E731
     ctx = Context(adapter=make(model_dir, max_model_len=MAX_MODEL_LEN), model_dir=model_dir, profile=PROFILE,
                   make_adapter=make)
-    return run_check(check, ctx, seed=1234, shrink=False, replay="")
+    return run_check(check, ctx, seed=seed, shrink=False, replay="")
 
 
 def test_clean_engine_passes_the_checks_used_below(tiny_model_dir):
@@ -115,3 +115,154 @@ def test_seed_ignored_in_batch_is_caught(tiny_model_dir, monkeypatch):
     result = run("determinism", "batch_invariance", tiny_model_dir)
     assert result.status == "failed"
     assert "differs" in result.message
+
+
+# ----------------------------------------------------------------------------- scheduler policy
+# Each plants one realistic policy bug in fast's Scheduler; the scheduler tier's state machine
+# (conformance/scheduler_machine.py) must fail naming the step, the requests and the rule.
+
+def _scheduler_fails(tiny_model_dir, *expected_words):
+    # seed None: derandomized (a state machine run ignores a Hypothesis seed), so reproducible.
+    result = run("scheduler", "state_machine", tiny_model_dir, seed=None)
+    assert result.status == "failed", "the planted scheduler bug went unnoticed"
+    first_line = result.message.splitlines()[0]
+    for word in ("the policy", *expected_words):
+        assert word in first_line, first_line
+    return result
+
+
+def test_scheduler_clean_passes(tiny_model_dir):
+    result = run("scheduler", "state_machine", tiny_model_dir, seed=None)
+    assert result.status == "passed", result.message
+
+
+def test_wrong_victim_fcfs_earliest_is_caught(tiny_model_dir, monkeypatch):
+    from fast.scheduler import Scheduler
+
+    original = Scheduler._pick_victim
+
+    def earliest(self):  # preempts the oldest running request instead of the latest admitted
+        return self.running[0] if self.config.policy == "fcfs" else original(self)
+
+    monkeypatch.setattr(Scheduler, "_pick_victim", earliest)
+    _scheduler_fails(tiny_model_dir, "preempted", "the policy preempts")
+
+
+def test_victim_by_arrival_not_admission_is_caught(tiny_model_dir, monkeypatch):
+    """The bug this machine found in fast: the largest arrival is not the latest admitted once
+    forked samples (n > 1) join the running set after later requests."""
+    from fast.scheduler import Scheduler
+
+    original = Scheduler._pick_victim
+
+    def by_arrival(self):
+        return max(self.running, key=lambda r: r.arrival) if self.config.policy == "fcfs" else original(self)
+
+    monkeypatch.setattr(Scheduler, "_pick_victim", by_arrival)
+    _scheduler_fails(tiny_model_dir, "preempted", "the policy preempts")
+
+
+def test_wrong_victim_priority_is_caught(tiny_model_dir, monkeypatch):
+    from fast.scheduler import Scheduler
+
+    original = Scheduler._pick_victim
+
+    def highest_first(self):  # preempts the most urgent request (priority inverted)
+        if self.config.policy == "priority":
+            return max(self.running, key=lambda r: (-r.priority, r.arrival))
+        return original(self)
+
+    monkeypatch.setattr(Scheduler, "_pick_victim", highest_first)
+    _scheduler_fails(tiny_model_dir, "preempted", "the policy preempts")
+
+
+def test_preempted_requeued_at_tail_is_caught(tiny_model_dir, monkeypatch):
+    from fast.scheduler import Scheduler
+
+    original = Scheduler._preempt
+
+    def to_tail(self, request, out):
+        original(self, request, out)
+        self.waiting.remove(request)
+        self.waiting.append(request)
+
+    monkeypatch.setattr(Scheduler, "_preempt", to_tail)
+    _scheduler_fails(tiny_model_dir, "waiting")
+
+
+def test_two_victims_requeued_in_choice_order_is_caught(tiny_model_dir, monkeypatch):
+    """Two victims of one step re-queued first-chosen first: under fcfs that puts a later
+    admitted request ahead of an earlier one (SPEC §10: each victim is prepended)."""
+    from fast.scheduler import Scheduler
+
+    original = Scheduler._preempt
+
+    def in_choice_order(self, request, out):
+        earlier = len(out.preempted)  # victims already chosen this step stay ahead
+        original(self, request, out)
+        self.waiting.remove(request)
+        self.waiting.insert(earlier, request)
+
+    monkeypatch.setattr(Scheduler, "_preempt", in_choice_order)
+    _scheduler_fails(tiny_model_dir, "waiting")
+
+
+def test_priority_ties_by_queue_position_is_caught(tiny_model_dir, monkeypatch):
+    from fast.scheduler import Scheduler
+
+    original = Scheduler._next_waiting
+
+    def ties_by_position(self):  # equal priorities: whoever is nearer the head, not the earlier arrival
+        if self.config.policy == "priority":
+            return min(self.waiting, key=lambda r: r.priority)
+        return original(self)
+
+    monkeypatch.setattr(Scheduler, "_next_waiting", ties_by_position)
+    _scheduler_fails(tiny_model_dir, "scheduled", "the policy schedules")
+
+
+def test_admission_after_preemption_is_caught(tiny_model_dir, monkeypatch):
+    from fast.scheduler import Scheduler, SchedulerOutput
+
+    def schedule(self):
+        out = SchedulerOutput()
+        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        self._schedule_waiting(out, budget)  # admits even in a step that preempted
+        return out
+
+    monkeypatch.setattr(Scheduler, "schedule", schedule)
+    _scheduler_fails(tiny_model_dir, "scheduled", "the policy schedules")
+
+
+def test_overtaking_is_caught(tiny_model_dir, monkeypatch):
+    from fast.scheduler import Scheduler
+
+    original = Scheduler._next_waiting
+
+    def skip_big(self):  # lets a small request jump a head that does not fit the budget
+        head = original(self)
+        short = [r for r in self.waiting if r.num_tokens < head.num_tokens]
+        return short[0] if short and head.num_tokens > 8 else head
+
+    monkeypatch.setattr(Scheduler, "_next_waiting", skip_big)
+    _scheduler_fails(tiny_model_dir, "scheduled", "the policy schedules")
+
+
+def test_forks_ignore_max_num_seqs_is_caught(tiny_model_dir, monkeypatch):
+    from fast.request import Status
+    from fast.scheduler import Scheduler
+
+    def add_running(self, request):  # n > 1 samples not counted against max_num_seqs
+        request.status = Status.RUNNING
+        self.running.append(request)
+        return True
+
+    monkeypatch.setattr(Scheduler, "add_running", add_running)
+    _scheduler_fails(tiny_model_dir)
+
+
+def test_prefix_hit_for_prompt_logprobs_is_caught(tiny_model_dir, monkeypatch):
+    from fast.scheduler import Scheduler
+
+    monkeypatch.setattr(Scheduler, "_lookup", lambda self, r: self.kv.get_computed_blocks(r.token_ids))
+    _scheduler_fails(tiny_model_dir, "scheduled", "the policy schedules")
