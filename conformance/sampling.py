@@ -1,0 +1,151 @@
+"""Sampling at the edges: the engine's sampler against the oracle's, on logits built to sit on
+SPEC §6's boundaries.
+
+End-to-end workloads rarely reach these: a random model seldom makes EOS likely (so a
+`min_tokens` mask that forgets EOS goes unseen), seldom has a *seen* token with a negative
+logit near the top (so a repetition penalty that divides negative logits goes unseen), and
+never puts a top-p or min-p cut exactly on a boundary. Here the logits are drawn on purpose:
+
+- exact ties (integers), all-negative rows, EOS or a stop token as the maximum;
+- probabilities that are powers of two, so cumulative sums land exactly on `top_p`, and a
+  token whose probability is exactly `min_p` times the largest;
+- `top_k` at 1, at the vocabulary size and beyond; temperatures at and just above the
+  greedy threshold; penalties at their extremes over prompts and outputs that repeat tokens.
+
+The engine exposes `sample(logits [S, V], rows, eos_token_ids) -> list[int]` (the adapter hook
+`sample`),
+where each row is `SamplerRow(params, prompt_ids, output_ids, seed)` and a seeded row draws its
+`Exp(1)` noise from `torch.Generator().manual_seed(seed)`. Every token must equal the oracle's
+`ref.sampler.sample` on the same row, unless the oracle's own decision scores put the two
+tokens within the near-tie margin (conformance/compare.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from hypothesis import note, strategies as st
+
+from conformance.compare import near_tie_margin
+from ref.sampling_params import SAMPLING_EPS, SamplingParams
+
+VOCAB = 32
+EOS = (2,)
+
+
+@dataclass(frozen=True)
+class SamplerRow:
+    params: SamplingParams
+    prompt_ids: list[int]
+    output_ids: list[int]
+    seed: int | None  # None for greedy rows
+
+
+@st.composite
+def logits_rows(draw, vocab: int = VOCAB, eos: tuple[int, ...] = EOS) -> torch.Tensor:
+    kind = draw(st.sampled_from(["normal", "ties", "negative", "equal_mass", "stop_on_top", "min_p_edge"]))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    if kind == "ties":  # few distinct values: exact ties everywhere
+        return torch.randint(-3, 4, (vocab,), generator=gen).float()
+    if kind == "negative":
+        return -torch.rand(vocab, generator=gen) * 6 - 0.1
+    if kind == "equal_mass":  # m equal logits, the rest ~ -inf: probabilities exactly 1/m at any
+        # temperature, so cumulative sums land exactly on top_p = 0.5 or 0.75
+        logits = torch.full((vocab,), -1e4)
+        logits[torch.randperm(vocab, generator=gen)[: draw(st.sampled_from([2, 4, 8]))]] = draw(st.sampled_from([-1.0, 0.0, 3.0]))
+        return logits
+    logits = torch.randn(vocab, generator=gen) * draw(st.sampled_from([0.5, 2.0, 5.0]))
+    if kind == "stop_on_top":  # EOS (or a token that will be a stop token) is the clear favourite
+        logits[draw(st.sampled_from(list(eos) + [5]))] = float(logits.max()) + 3.0
+    if kind == "min_p_edge":  # one token's probability is exactly min_p = 1/4 of the largest
+        top = int(logits.argmax())
+        other = (top + 1) % vocab
+        logits[other] = logits[top] - math.log(4)
+    return logits
+
+
+@st.composite
+def sampler_params(draw, vocab: int = VOCAB) -> SamplingParams:
+    kw = dict(
+        max_tokens=16,
+        repetition_penalty=draw(st.sampled_from([1.0, 1.0, 0.5, 1.3, 2.0])),
+        presence_penalty=draw(st.sampled_from([0.0, 0.0, -2.0, 1.5, 2.0])),
+        frequency_penalty=draw(st.sampled_from([0.0, 0.0, -1.0, 0.7, 2.0])),
+        min_tokens=draw(st.sampled_from([0, 0, 3, 16])),
+        ignore_eos=draw(st.booleans()),
+        stop_token_ids=draw(st.sampled_from([[], [], [5], [5, 7]])),
+    )
+    temperature = draw(st.sampled_from([0.0, SAMPLING_EPS / 2, SAMPLING_EPS, 1e-3, 0.7, 1.0, 1.8]))
+    if temperature < SAMPLING_EPS:
+        return SamplingParams(temperature=temperature, **kw)
+    return SamplingParams(
+        temperature=temperature,
+        top_k=draw(st.sampled_from([0, -1, 1, 2, 5, vocab, vocab + 10])),
+        top_p=draw(st.sampled_from([1.0, 0.5, 0.75, 0.9, 1e-3])),
+        min_p=draw(st.sampled_from([0.0, 0.25, 0.5, 1.0])),
+        **kw,
+    )
+
+
+@st.composite
+def sampler_batches(draw, vocab: int = VOCAB, eos: tuple[int, ...] = EOS):
+    """(logits [S, V], rows): a batch mixing greedy and seeded rows (some seeds repeated)."""
+    size = draw(st.integers(1, 6))
+    rows, logits = [], []
+    token = st.integers(0, vocab - 1)
+    for _ in range(size):
+        params = draw(sampler_params(vocab))
+        repeat = draw(st.lists(token, min_size=1, max_size=3))  # tokens that come back often
+        prompt = draw(st.lists(st.one_of(token, st.sampled_from(repeat)), min_size=1, max_size=12))
+        output = draw(st.lists(st.one_of(token, st.sampled_from(repeat)), max_size=8))
+        seed = None if params.greedy else draw(st.sampled_from([0, 1, 2**31, draw(st.integers(0, 2**40))]))
+        rows.append(SamplerRow(params, prompt, output, seed))
+        logits.append(draw(logits_rows(vocab, eos)))
+    return torch.stack(logits), rows
+
+
+def oracle_tokens(logits: torch.Tensor, rows: list[SamplerRow], eos: tuple[int, ...]) -> list[torch.Tensor]:
+    """The oracle's decision scores per row (argmax = its token), each with its own generator."""
+    from ref.sampler import decision_scores
+
+    scores = []
+    for row, r in zip(logits, rows):
+        gen = None if r.seed is None else torch.Generator().manual_seed(r.seed)
+        scores.append(decision_scores(row, r.params, r.prompt_ids, r.output_ids, eos, gen))
+    return scores
+
+
+def check_sampler(sample, logits: torch.Tensor, rows: list[SamplerRow], eos: tuple[int, ...] = EOS) -> None:
+    """The engine's batched tokens equal the oracle's row by row (near-ties aside)."""
+    got = sample(logits.clone(), rows, eos)
+    assert isinstance(got, list) and len(got) == len(rows), f"sampler returned {got!r} for {len(rows)} rows"
+    for i, (scores, token, r) in enumerate(zip(oracle_tokens(logits, rows, eos), got, rows)):
+        want = int(torch.argmax(scores))
+        if token == want:
+            continue
+        note(f"row {i}: logits={logits[i].tolist()}")
+        gap = _gap(scores, want, token, r.params)
+        assert gap < near_tie_margin(torch.float32), (
+            f"sampler row {i} ({r.params}, prompt={r.prompt_ids}, output={r.output_ids}, seed={r.seed}): "
+            f"token {token}, oracle {want} (oracle scores {float(scores[want]):.6g} vs {float(scores[token]):.6g})")
+
+
+def _gap(scores: torch.Tensor, want: int, token: int, params: SamplingParams) -> float:
+    """How far the engine's token is from the oracle's best, in logit units."""
+    a, b = float(scores[want]), float(scores[token])
+    if params.greedy:
+        return a - b if math.isfinite(b) else math.inf
+    if b <= 0 or not math.isfinite(b):
+        return math.inf  # the oracle gives the engine's token no probability at all
+    return (math.log(a) - math.log(b)) * params.temperature
+
+
+def fast_sample(logits: torch.Tensor, rows: list[SamplerRow], eos_token_ids: tuple[int, ...]) -> list[int]:
+    """The `sample` hook for `fast`: its batched sampler, one generator per seeded row."""
+    from fast.sampler import Sampler, SamplingRow
+
+    gens = [None if r.seed is None else torch.Generator().manual_seed(r.seed) for r in rows]
+    return Sampler(eos_token_ids)(logits, [SamplingRow(r.params, r.prompt_ids, r.output_ids, g)
+                                           for r, g in zip(rows, gens)]).token_ids
