@@ -1,0 +1,103 @@
+"""What a run of the suite actually exercised, and the minimums a profile must reach.
+
+A property that passes on examples that never reached a feature proves nothing about it. Each
+example of the end-to-end checks reports the features it hit; the runner prints the counts in
+the table and the JSON report, and a profile whose minimums are not met fails with the list of
+features it missed (so a weakened generator cannot pass silently).
+
+Features come from three places, none of them trusted to the engine's word alone where the
+request itself can tell: the outputs checked against the requests (stop kinds, length limits),
+the engine options of the example (backend, dtype, chunking), and the engine's metrics
+(preemptions, prefix hits; those an engine could lie about, so they only *add* coverage — a
+missing metric counts as not exercised).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+# Per profile: feature -> examples that must hit it. Only features every engine with the hooks
+# can reach are required; the rest are reported.
+MINIMUMS = {
+    "quick": {"stop:token": 1, "stop:eos": 1, "stop:string": 1, "length:max_tokens": 1,
+              "length:max_model_len": 1, "n>1": 1, "logprobs": 1, "prompt_logprobs": 1, "abort": 1,
+              "preemption": 1, "prefix_hit": 1, "chunked_prefill:off": 1},
+}
+MINIMUMS["full"] = {k: 2 * v for k, v in MINIMUMS["quick"].items()}
+MINIMUMS["deep"] = {k: 5 * v for k, v in MINIMUMS["quick"].items()}
+
+
+@dataclass
+class Coverage:
+    """Examples per feature, for one check or merged over a run."""
+
+    counts: Counter = field(default_factory=Counter)
+    examples: int = 0
+
+    def record(self, features: Iterable[str]) -> None:
+        """One example's features (each counted once per example)."""
+        self.examples += 1
+        self.counts.update(set(features))
+
+    def merge(self, other: "Coverage") -> None:
+        self.counts.update(other.counts)
+        self.examples += other.examples
+
+    def missing(self, minimums: dict[str, int]) -> dict[str, tuple[int, int]]:
+        """feature -> (hit, required) for every minimum not met."""
+        return {f: (self.counts[f], n) for f, n in minimums.items() if self.counts[f] < n}
+
+    def as_dict(self) -> dict[str, int]:
+        return {"examples": self.examples, **dict(sorted(self.counts.items()))}
+
+
+def output_features(prompt_ids: list[int], params, output, max_model_len: int,
+                    eos_token_ids: tuple[int, ...]) -> set[str]:
+    """What one finished request shows by itself: stop kinds, length limits, n, logprobs."""
+    feats: set[str] = set()
+    if params.n > 1:
+        feats.add("n>1")
+    if params.logprobs is not None:
+        feats.add("logprobs")
+    if params.prompt_logprobs is not None:
+        feats.add("prompt_logprobs")
+    if params.min_tokens:
+        feats.add("min_tokens")
+    if not params.greedy:
+        feats.add("seeded" if params.seed is not None else "unseeded")
+    for c in output.outputs:
+        n = len(c.token_ids)
+        if c.finish_reason == "stop":
+            if isinstance(c.stop_reason, str):
+                feats.add("stop:string")
+            elif c.stop_reason is not None:
+                feats.add("stop:token")
+            elif n and c.token_ids[-1] in eos_token_ids:
+                feats.add("stop:eos")
+        elif c.finish_reason == "length":
+            if len(prompt_ids) + n >= max_model_len:
+                feats.add("length:max_model_len")
+            if params.max_tokens is not None and n >= params.max_tokens:
+                feats.add("length:max_tokens")
+    return feats
+
+
+def option_features(options: dict[str, Any]) -> set[str]:
+    """The engine configuration of an example."""
+    feats = {f"backend:{options.get('attention_backend', 'auto')}", f"dtype:{options.get('dtype', 'auto')}",
+             f"chunked_prefill:{'off' if options.get('enable_chunked_prefill') is False else 'on'}",
+             f"prefix_caching:{'off' if options.get('enable_prefix_caching') is False else 'on'}",
+             f"policy:{options.get('policy', 'fcfs')}"}
+    return feats
+
+
+def metric_features(metrics: Any) -> set[str]:
+    """From an engine's `get_metrics()` after the workload (absent fields add nothing)."""
+    feats = set()
+    if getattr(metrics, "num_preemptions", 0):
+        feats.add("preemption")
+    if getattr(metrics, "prefix_cache_hit_rate", 0.0):
+        feats.add("prefix_hit")
+    return feats
