@@ -2,9 +2,14 @@
 
 The rule (SPEC.md, "Comparing outputs"):
 - fp32 logits/logprobs agree within `LOGIT_ATOL[dtype]`.
-- Greedy (and seeded) tokens are identical, unless at the first differing index the oracle's
-  two best decision scores are within `near_tie_margin(dtype)` of each other (a near-tie): then
-  the outputs may diverge from that index on, and only from there.
+- Greedy (and seeded) tokens are identical, unless at the first differing index the candidate's
+  token is one of the oracle's near-tied candidates: its oracle decision score is within
+  `near_tie_margin(dtype)` of the oracle's best. Then the outputs may diverge from that index
+  on, and only from there.
+- Logprob dicts name the same tokens with the same ranks, values and decoded text; a token may
+  take another's place or rank only where the oracle's logprobs of the two are near-tied (the
+  same margin), and every value must be the oracle's value *for that token*.
+- Every request has exactly one output, in request order, with its n completions indexed 0..n-1.
 """
 
 from __future__ import annotations
@@ -63,13 +68,14 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def oracle_decision_gap(model, prompt_ids: list[int], output_ids: list[int], step: int,
-                        params, eos_token_ids: tuple[int, ...], seed: int | None) -> float:
-    """Gap between the oracle's two best choices for output token `step`, in logit units.
+def oracle_decision_scores(model, prompt_ids: list[int], output_ids: list[int], step: int,
+                           params, eos_token_ids: tuple[int, ...], seed: int | None) -> torch.Tensor:
+    """The oracle's decision scores [vocab] for output token `step`, in logit units.
 
-    Recomputes the oracle's decision teacher-forced on prompt + output_ids[:step]: for greedy the
-    processed logits; for seeded sampling log(probs / noise) scaled back by the temperature, with
-    the request's generator advanced past the `step` earlier draws (one draw per token).
+    Recomputed teacher-forced on prompt + output_ids[:step]: for greedy the processed logits; for
+    seeded sampling log(probs / noise) scaled back by the temperature, with the request's
+    generator advanced past the `step` earlier draws (one draw per token). The token taken is the
+    argmax; a token truncated away scores -inf.
     """
     from ref.sampler import decision_scores, exponential_noise
 
@@ -82,14 +88,31 @@ def oracle_decision_gap(model, prompt_ids: list[int], output_ids: list[int], ste
     scores = decision_scores(logits, params, prompt_ids, output_ids[:step], eos_token_ids, gen)
     if not params.greedy:
         scores = torch.log(scores) * params.temperature
-    top2 = torch.topk(scores.float(), 2).values
-    return float(top2[0] - top2[1])
+    return scores.float()
+
+
+def oracle_decision_gap(model, prompt_ids: list[int], output_ids: list[int], step: int,
+                        params, eos_token_ids: tuple[int, ...], seed: int | None) -> float:
+    """Gap between the oracle's two best choices for output token `step`, in logit units."""
+    top2 = torch.topk(oracle_decision_scores(model, prompt_ids, output_ids, step, params, eos_token_ids, seed), 2)
+    return float(top2.values[0] - top2.values[1])
+
+
+def near_tied(scores: torch.Tensor, margin: float) -> list[int]:
+    """Token ids whose score is within `margin` of the best: the choices a correct engine may make."""
+    return [int(t) for t in torch.nonzero(scores >= scores.max() - margin).flatten()]
 
 
 def check_tokens_equal(name: str, oracle_ids: list[int], candidate_ids: list[int],
-                       gap_at: Callable[[int], float], dtype: torch.dtype) -> int | None:
+                       scores_at: Callable[[int], torch.Tensor | float], dtype: torch.dtype) -> int | None:
     """The SPEC comparison rule. Returns None if identical, else the index of an allowed
-    near-tie divergence; raises AssertionError naming the request, index and both tokens."""
+    near-tie divergence; raises AssertionError naming the request, index and both tokens.
+
+    `scores_at(j)` gives the oracle's decision scores [vocab] at index j: the candidate's token
+    must be one of the oracle's near-tied candidates (score within the margin of the best).
+    A caller that can only give the oracle's top-2 gap (a float) gets the weaker rule: some
+    near-tie exists at j.
+    """
     j = first_divergence(oracle_ids, candidate_ids)
     if j is None:
         return None
@@ -98,38 +121,105 @@ def check_tokens_equal(name: str, oracle_ids: list[int], candidate_ids: list[int
             f"{name}: outputs agree on {j} tokens but have different lengths "
             f"(oracle {len(oracle_ids)}, candidate {len(candidate_ids)})"
         )
-    gap = gap_at(j)
-    if gap > near_tie_margin(dtype):
+    margin = near_tie_margin(dtype)
+    scores = scores_at(j)
+    if not isinstance(scores, torch.Tensor):  # a top-2 gap only
+        if scores > margin:
+            raise AssertionError(
+                f"{name}: token {j} differs: oracle={oracle_ids[j]} candidate={candidate_ids[j]}; "
+                f"the oracle's top-2 gap {scores:.3g} exceeds the near-tie margin {margin:g}"
+            )
+        return j
+    tied = near_tied(scores, margin)
+    if candidate_ids[j] not in tied:
+        below = float(scores.max() - scores[candidate_ids[j]])
         raise AssertionError(
-            f"{name}: token {j} differs: oracle={oracle_ids[j]} candidate={candidate_ids[j]}; "
-            f"the oracle's top-2 gap {gap:.3g} exceeds the near-tie margin {near_tie_margin(dtype):g}"
+            f"{name}: token {j} differs: oracle={oracle_ids[j]} candidate={candidate_ids[j]}; the candidate's "
+            f"token scores {below:.3g} below the oracle's best, beyond the near-tie margin {margin:g} "
+            f"(near-tied: {tied[:8]})"
         )
     return j
 
 
-def _check_logprob_lists(name: str, oracle, candidate, upto: int, atol: float) -> None:
-    """Per position: same sampled-token logprob within atol, same top-k values within atol."""
+def _ranked(entry: dict, k: int) -> list[tuple[int, int]]:
+    """(rank, token) of the entry's top-k tokens, best first (rank ties by dict order)."""
+    return sorted(((lp.rank, t) for t, lp in entry.items() if lp.rank <= k), key=lambda x: x[0])
+
+
+def rank_bounds(logprobs: torch.Tensor, token: int, margin: float) -> tuple[int, int]:
+    """The ranks a correct engine may give `token`: each engine's logprobs are within half the
+    margin of the truth, so a token within `margin` of this one may sit on either side of it."""
+    others = torch.cat([logprobs[:token], logprobs[token + 1:]])
+    lp = float(logprobs[token])
+    return 1 + int((others > lp + margin).sum()), 1 + int((others > lp - margin).sum())
+
+
+def check_logprob_entry(name: str, oracle: dict, candidate: dict, k: int, dtype: torch.dtype,
+                        oracle_logprobs: Callable[[], torch.Tensor]) -> None:
+    """One position's logprob dict (the sampled/actual token first, then the top-k) vs the oracle's.
+
+    Fast path: the same tokens in the same order with the same ranks, values within atol and the
+    same decoded text. Otherwise the oracle's full row `oracle_logprobs()` [vocab] arbitrates:
+    every candidate token must carry the oracle's value for that token (within atol) and a rank a
+    correct engine could give it (`rank_bounds`), and an oracle top-k token the candidate left
+    out must be near-tied with the k-th (it could rank beyond k).
+    """
+    atol, margin = LOGIT_ATOL[dtype], near_tie_margin(dtype)
+    if len(oracle) != len(candidate):
+        raise AssertionError(f"{name}: {len(candidate)} entries, oracle {len(oracle)}: candidate "
+                             f"{list(candidate)} oracle {list(oracle)}")
+    first_o, first_c = next(iter(oracle)), next(iter(candidate))
+    if first_o != first_c:
+        raise AssertionError(f"{name}: first entry is token {first_c}, oracle's is the sampled/actual token {first_o}")
+    for t in [t for t in candidate if t in oracle]:  # candidate order: the first bad token is named
+        o, c = oracle[t], candidate[t]
+        if abs(o.logprob - c.logprob) > atol:
+            raise AssertionError(f"{name}: token {t} logprob {c.logprob:.6g} vs oracle {o.logprob:.6g} "
+                                 f"(|diff| {abs(o.logprob - c.logprob):.3g} > atol {atol:g})")
+        if o.decoded_token != c.decoded_token:
+            raise AssertionError(f"{name}: token {t} decoded_token {c.decoded_token!r} vs oracle {o.decoded_token!r}")
+    same_ranks = all(oracle[t].rank == candidate[t].rank for t in oracle.keys() & candidate.keys())
+    if list(oracle) == list(candidate) and same_ranks:
+        return
+    row = oracle_logprobs().float()
+    for t, c in candidate.items():
+        if abs(float(row[t]) - c.logprob) > atol:
+            raise AssertionError(f"{name}: token {t} carries logprob {c.logprob:.6g} but the oracle's for that token is "
+                                 f"{float(row[t]):.6g} (values attached to the wrong tokens?)")
+        lo, hi = rank_bounds(row, t, margin)
+        if not lo <= c.rank <= hi:
+            want = oracle[t].rank if t in oracle else lo
+            raise AssertionError(f"{name}: token {t} has rank {c.rank}, oracle rank {want} (allowed {lo}..{hi} "
+                                 f"under the near-tie margin {margin:g})")
+    kept = {t for _, t in _ranked(candidate, k)}
+    for rank, t in _ranked(oracle, k):
+        if t not in kept and rank_bounds(row, t, margin)[1] <= k:
+            raise AssertionError(f"{name}: oracle top-{k} token {t} (rank {rank}, logprob {float(row[t]):.6g}) is "
+                                 f"missing from the candidate's top-{k} {[t for _, t in _ranked(candidate, k)]}, "
+                                 f"and nothing near-ties it out")
+
+
+def _check_logprob_lists(name: str, oracle, candidate, upto: int, k: int | None, dtype: torch.dtype,
+                         row_at: Callable[[int], torch.Tensor]) -> None:
+    """Positions [0, upto) of two logprob lists; `row_at(j)` is the oracle's logprob row at j."""
     if (oracle is None) != (candidate is None):
         raise AssertionError(f"{name}: logprobs present in one output only")
     if oracle is None:
         return
+    if len(candidate) < upto:
+        raise AssertionError(f"{name}: {len(candidate)} logprob entries for {upto} positions")
     for j in range(upto):
         o, c = oracle[j], candidate[j]
         if o is None or c is None:
             if (o is None) != (c is None):
                 raise AssertionError(f"{name}: logprobs[{j}] is None in one output only")
             continue
-        if len(o) != len(c):
-            raise AssertionError(f"{name}: logprobs[{j}] has {len(c)} entries, oracle {len(o)}")
-        first_o, first_c = next(iter(o)), next(iter(c))
-        if first_o != first_c or abs(o[first_o].logprob - c[first_c].logprob) > atol:
-            raise AssertionError(
-                f"{name}: logprobs[{j}] token {first_c} logprob {c[first_c].logprob:.6g} vs oracle "
-                f"token {first_o} {o[first_o].logprob:.6g}"
-            )
-        ov = sorted((lp.logprob for lp in o.values()), reverse=True)
-        cv = sorted((lp.logprob for lp in c.values()), reverse=True)
-        assert_close(f"{name}: logprobs[{j}] values", torch.tensor(cv), torch.tensor(ov), atol)
+        check_logprob_entry(f"{name}: logprobs[{j}]", o, c, k or 0, dtype, lambda j=j: row_at(j))
+
+
+def oracle_logprob_row(model, context_ids: list[int]) -> torch.Tensor:
+    """The oracle's raw logprobs [vocab] of the token after `context_ids` (SPEC §6: unprocessed)."""
+    return torch.log_softmax(model.teacher_forced_logits(context_ids)[-1].float(), dim=-1)
 
 
 def check_completion(name: str, model, prompt_ids: list[int], params, eos_token_ids,
@@ -142,12 +232,13 @@ def check_completion(name: str, model, prompt_ids: list[int], params, eos_token_
     """
     if not params.greedy and params.seed is None:
         return None
-    gap_at = lambda j: oracle_decision_gap(model, prompt_ids, oracle.token_ids, j, params,  # noqa: E731
-                                           tuple(eos_token_ids), params.seed)
-    j = check_tokens_equal(name, oracle.token_ids, candidate.token_ids, gap_at, dtype)
+    scores_at = lambda j: oracle_decision_scores(model, prompt_ids, oracle.token_ids, j, params,  # noqa: E731
+                                                 tuple(eos_token_ids), params.seed)
+    j = check_tokens_equal(name, oracle.token_ids, candidate.token_ids, scores_at, dtype)
     atol = LOGIT_ATOL[dtype]
     upto = len(oracle.token_ids) if j is None else j
-    _check_logprob_lists(name, oracle.logprobs, candidate.logprobs, upto, atol)
+    _check_logprob_lists(name, oracle.logprobs, candidate.logprobs, upto, params.logprobs, dtype,
+                         lambda i: oracle_logprob_row(model, prompt_ids + oracle.token_ids[:i]))
     if j is not None:
         return j
     for field in ("text", "finish_reason", "stop_reason"):
@@ -166,19 +257,44 @@ def check_completion(name: str, model, prompt_ids: list[int], params, eos_token_
     return None
 
 
+def check_outputs_complete(requests: list[tuple[list[int] | None, object]], outputs) -> None:
+    """Exactly one finished output per request, in request order, each with `n` completions
+    indexed 0..n-1 (SPEC §2). `requests` holds (prompt_token_ids or None when unknown, params)."""
+    if len(outputs) != len(requests):
+        raise AssertionError(f"{len(outputs)} outputs for {len(requests)} requests (one per request, in order)")
+    for i, ((prompt_ids, params), out) in enumerate(zip(requests, outputs)):
+        name = f"request {i} (id {out.request_id!r})"
+        if prompt_ids is not None and list(out.prompt_token_ids) != list(prompt_ids):
+            raise AssertionError(f"{name}: prompt_token_ids {list(out.prompt_token_ids)[:12]}... are not the "
+                                 f"request's {list(prompt_ids)[:12]}... (outputs out of order or mixed up?)")
+        if not out.finished:
+            raise AssertionError(f"{name}: returned unfinished")
+        indices = [c.index for c in out.outputs]
+        if indices != list(range(params.n)):
+            raise AssertionError(f"{name}: completion indices {indices}, want 0..{params.n - 1} (n={params.n})")
+        for c in out.outputs:
+            if c.finish_reason not in ("stop", "length", "abort"):
+                raise AssertionError(f"{name} sample {c.index}: finish_reason {c.finish_reason!r}")
+
+
 def check_request_outputs(model, eos_token_ids, requests: list[tuple[list[int], object]],
                           oracle_outputs, candidate_outputs, dtype: torch.dtype = torch.float32) -> None:
-    """Every request's every sample, plus prompt logprobs; `requests` holds (prompt_ids, params)."""
+    """Every request's every sample, plus prompt logprobs; `requests` holds (prompt_ids, params).
+    Both lists must hold exactly one output per request, in order."""
+    check_outputs_complete(requests, candidate_outputs)
     if len(oracle_outputs) != len(candidate_outputs):
         raise AssertionError(f"{len(candidate_outputs)} outputs, oracle has {len(oracle_outputs)}")
     for (prompt_ids, params), o, c in zip(requests, oracle_outputs, candidate_outputs):
-        name = f"request {o.request_id}"
+        name = f"request {c.request_id}"
         if o.prompt_token_ids != c.prompt_token_ids:
             raise AssertionError(f"{name}: prompt_token_ids differ")
+        if o.prompt != c.prompt:
+            raise AssertionError(f"{name}: prompt {c.prompt!r} vs oracle {o.prompt!r}")
         if len(o.outputs) != len(c.outputs):
             raise AssertionError(f"{name}: {len(c.outputs)} samples, oracle has {len(o.outputs)}")
         _check_logprob_lists(f"{name} prompt", o.prompt_logprobs, c.prompt_logprobs,
-                             len(prompt_ids) if o.prompt_logprobs is not None else 0, LOGIT_ATOL[dtype])
+                             len(prompt_ids) if o.prompt_logprobs is not None else 0, params.prompt_logprobs, dtype,
+                             lambda i: oracle_logprob_row(model, prompt_ids[:i]))
         for i, (oc, cc) in enumerate(zip(o.outputs, c.outputs)):
             check_completion(f"{name} sample {i}", model, prompt_ids, params.for_sample(i),
                              eos_token_ids, oc, cc, dtype)

@@ -266,3 +266,99 @@ def test_prefix_hit_for_prompt_logprobs_is_caught(tiny_model_dir, monkeypatch):
 
     monkeypatch.setattr(Scheduler, "_lookup", lambda self, r: self.kv.get_computed_blocks(r.token_ids))
     _scheduler_fails(tiny_model_dir, "scheduled", "the policy schedules")
+
+
+# ----------------------------------------------------------------------------- outputs and logprobs
+
+def test_topk_values_on_wrong_tokens_is_caught(tiny_model_dir, monkeypatch):
+    """The right top-k values, but attached to the top-k tokens in reverse order: the sampled
+    token's logprob and the sorted values are all correct, only the token ids are not."""
+    import fast.engine
+    import fast.sampler
+    from ref.outputs import Logprob
+
+    original = fast.sampler.logprob_entry
+
+    def misattributed(row, token_id, top_ids, token_text):
+        entry = original(row, token_id, top_ids, token_text)
+        top = [t for t in top_ids if t != token_id]
+        good = [entry[t] for t in top]
+        out = {token_id: entry[token_id]}
+        for t, lp in zip(reversed(top), good):
+            out[t] = Logprob(lp.logprob, lp.rank, token_text(t))
+        return out
+
+    monkeypatch.setattr(fast.sampler, "logprob_entry", misattributed)
+    monkeypatch.setattr(fast.engine, "logprob_entry", misattributed)
+    result = run("e2e", "workloads_vs_oracle", tiny_model_dir)
+    assert result.status == "failed"
+    assert "logprobs[" in result.message and "oracle" in result.message
+
+
+def test_logprob_rank_off_by_one_is_caught(tiny_model_dir, monkeypatch):
+    import fast.engine
+    import fast.sampler
+    from ref.outputs import Logprob
+
+    original = fast.sampler.logprob_entry
+
+    def counts_itself(row, token_id, top_ids, token_text):  # rank = 1 + #(>=), not 1 + #(>)
+        return {t: Logprob(lp.logprob, lp.rank + 1, lp.decoded_token)
+                for t, lp in original(row, token_id, top_ids, token_text).items()}
+
+    monkeypatch.setattr(fast.sampler, "logprob_entry", counts_itself)
+    monkeypatch.setattr(fast.engine, "logprob_entry", counts_itself)
+    result = run("e2e", "workloads_vs_oracle", tiny_model_dir)
+    assert result.status == "failed"
+    assert "rank" in result.message
+
+
+def test_decoded_token_of_the_wrong_token_is_caught(tiny_model_dir, monkeypatch):
+    import fast.engine
+    import fast.sampler
+
+    original = fast.sampler.logprob_entry
+
+    def shifted_text(row, token_id, top_ids, token_text):
+        return original(row, token_id, top_ids, lambda t: token_text(t + 1))
+
+    monkeypatch.setattr(fast.sampler, "logprob_entry", shifted_text)
+    monkeypatch.setattr(fast.engine, "logprob_entry", shifted_text)
+    result = run("e2e", "workloads_vs_oracle", tiny_model_dir)
+    assert result.status == "failed"
+    assert "decoded_token" in result.message
+
+
+def test_generate_dropping_an_output_is_caught(tiny_model_dir, monkeypatch):
+    from fast.llm import LLM
+
+    original = LLM.generate
+
+    def drops_last(self, prompts, sampling_params=None, use_tqdm=True, priority=None):
+        outs = original(self, prompts, sampling_params, use_tqdm, priority)
+        return outs[:-1] if len(outs) > 1 else outs
+
+    monkeypatch.setattr(LLM, "generate", drops_last)
+    result = run("determinism", "same_seed_same_output", tiny_model_dir)
+    assert result.status == "failed"
+    assert "outputs for" in result.message and "requests" in result.message
+
+
+def test_engine_never_reporting_a_finished_request_is_caught(tiny_model_dir, monkeypatch):
+    from fast.engine import LLMEngine
+
+    def collect(self, touched):  # forgets the final output: the request vanishes unreported
+        outputs = []
+        for rid, group in touched.items():
+            if self.groups.get(rid) is not group:
+                continue
+            if group.finished:
+                del self.groups[rid]
+                continue
+            outputs.append(group.to_output())
+        return outputs
+
+    monkeypatch.setattr(LLMEngine, "_collect", collect)
+    result = run("e2e", "workloads_vs_oracle", tiny_model_dir)
+    assert result.status == "failed"
+    assert "never finished" in result.message
