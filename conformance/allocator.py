@@ -106,6 +106,10 @@ class AllocatorCoverage:
         return "\n".join(f"{m}: " + ", ".join(f"{e} x{n}" for e, n in sorted(c.items()) if n)
                          for m, c in sorted(self.reached.items()))
 
+    def as_dict(self) -> dict[str, int]:
+        """"machine: event" -> times, for a report."""
+        return {f"{m}: {e}": n for m, c in sorted(self.reached.items()) for e, n in sorted(c.items()) if n}
+
 
 def required_events(config: KVCacheConfig) -> tuple[str, ...]:
     if not config.enable_prefix_caching:
@@ -113,14 +117,24 @@ def required_events(config: KVCacheConfig) -> tuple[str, ...]:
     return CACHING_EVENTS + (WEAK_HASH_EVENTS if config.hash_fn is weak_block_hash else ())
 
 
-def machines_then_coverage(machines: Iterable[type[AllocatorMachine]], coverage: AllocatorCoverage) -> Iterator:
-    """The allocator tier's run, lazily: each machine's scripted scenarios (`run_scenarios`), then
-    each machine class for Hypothesis to run, then the coverage minimum over all of them."""
-    machines = list(machines)
-    for machine in machines:
-        run_scenarios(machine)
-    yield from machines
-    coverage.check_minimum()
+@dataclass
+class MachinesThenCoverage:
+    """The allocator tier's run, as the machine classes a runner iterates over: iterating runs
+    each machine's scripted scenarios (`run_scenarios`), yields each machine class for Hypothesis
+    to run, then checks the coverage minimum over all of them. `coverage` stays readable after."""
+
+    machines: list[type[AllocatorMachine]]
+    coverage: AllocatorCoverage
+
+    def __iter__(self) -> Iterator[type[AllocatorMachine]]:
+        for machine in self.machines:
+            run_scenarios(machine)
+        yield from self.machines
+        self.coverage.check_minimum()
+
+
+def machines_then_coverage(machines: Iterable[type[AllocatorMachine]], coverage: AllocatorCoverage) -> MachinesThenCoverage:
+    return MachinesThenCoverage(list(machines), coverage)
 
 
 @dataclass

@@ -421,6 +421,10 @@ class KernelCoverage:
             listing = "; ".join(f"{b}: {', '.join(paths)}" for b, paths in sorted(missing.items()))
             raise AssertionError(f"kernel paths never reached (coverage minimum): {listing}")
 
+    def as_dict(self) -> dict[str, int]:
+        """"backend: path" -> cases that reached it, for a report."""
+        return {f"{b}: {p}": n for b, c in sorted(self.reached.items()) for p, n in sorted(c.items())}
+
     def summary(self) -> str:
         lines = []
         for backend, counts in sorted(self.reached.items()):
