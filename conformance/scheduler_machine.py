@@ -205,23 +205,14 @@ class SchedulerMachine(RuleBasedStateMachine):
     """Random adds (n samples), steps and aborts against `SchedulerModel`; a final drain proves liveness."""
 
     factory = Scheduler  # (SchedulerConfig, KVCacheManager) -> scheduler under test
-    # Configuration space, drawn once per run; `make_scheduler_machine(..., setup=...)` narrows it.
-    SETUP = dict(
-        block_size=st.sampled_from([2, 4, 8]),
-        extra_blocks=st.sampled_from([0, 0, 1, 2, 4, 8, 24]),  # the smallest legal pool often
-        max_num_seqs=st.integers(1, 6),
-        budget_extra=st.integers(0, 40),
-        chunked=st.booleans(),
-        threshold=st.sampled_from([0, 0, 3, 16]),
-        policy=st.sampled_from(["fcfs", "priority"]),
-        caching=st.booleans(),
-    )
+    # Configuration spaces; each run draws one, then a configuration from it.
+    SETUPS: tuple[dict, ...] = ()  # set below the class: (GENERAL_SETUP, PRESSURE_SETUP)
 
     @initialize(data=st.data())
     def setup(self, data):
         """Draw a configuration: pool, budget, max_num_seqs, chunking, policy, prefix caching."""
-        c = {name: data.draw(strategy, label=name) for name, strategy in self.SETUP.items()}
-        self._setup(**c)
+        space = data.draw(st.sampled_from(self.SETUPS), label="configuration space")
+        self._setup(**{name: data.draw(strategy, label=name) for name, strategy in space.items()})
 
     def _setup(self, block_size, extra_blocks, max_num_seqs, budget_extra, chunked, threshold, policy, caching):
         num_blocks = -(-MAX_MODEL_LEN // block_size) + extra_blocks
@@ -407,11 +398,21 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.kv.check_invariants()
 
 
+GENERAL_SETUP = dict(
+    block_size=st.sampled_from([2, 4, 8]),
+    extra_blocks=st.sampled_from([0, 0, 1, 2, 4, 8, 24]),  # the smallest legal pool often
+    max_num_seqs=st.integers(1, 6),
+    budget_extra=st.integers(0, 40),
+    chunked=st.booleans(),
+    threshold=st.sampled_from([0, 0, 3, 16]),
+    policy=st.sampled_from(["fcfs", "priority"]),
+    caching=st.booleans(),
+)
 # Memory pressure: two-token blocks in the smallest pools and long prefill chunks, so a chunk
 # needs several blocks and one step often preempts two or more requests (and, under priority,
 # one already granted tokens this step).
 PRESSURE_SETUP = {
-    **SchedulerMachine.SETUP,
+    **GENERAL_SETUP,
     "block_size": st.just(2),
     "extra_blocks": st.sampled_from([0, 1, 2]),
     "max_num_seqs": st.integers(3, 6),
@@ -419,12 +420,14 @@ PRESSURE_SETUP = {
     "chunked": st.just(True),
     "threshold": st.sampled_from([0, 8, 16]),
 }
+SchedulerMachine.SETUPS = (GENERAL_SETUP, PRESSURE_SETUP)
 
 
 def make_scheduler_machine(factory, name: str = "SchedulerMachine", setup: dict | None = None) -> type[SchedulerMachine]:
     """A `SchedulerMachine` for another scheduler implementation; use its `.TestCase`.
-    `setup` replaces some of the configuration strategies (see `SchedulerMachine.SETUP`)."""
+    `setup` replaces some of the configuration strategies (see `GENERAL_SETUP`); by default a run
+    draws from the general space or the memory-pressure one."""
     attrs = {"factory": staticmethod(factory)}
     if setup is not None:
-        attrs["SETUP"] = {**SchedulerMachine.SETUP, **setup}
+        attrs["SETUPS"] = ({**GENERAL_SETUP, **setup},)
     return type(name, (SchedulerMachine,), attrs)

@@ -171,9 +171,9 @@ def build_allocator(ctx: Context):
 
 def build_scheduler(ctx: Context):
     factory = ctx.hook("scheduler_factory")
-    from conformance.scheduler_machine import PRESSURE_SETUP, make_scheduler_machine
+    from conformance.scheduler_machine import make_scheduler_machine
 
-    return [make_scheduler_machine(factory), make_scheduler_machine(factory, "SchedulerUnderPressure", PRESSURE_SETUP)], None
+    return [make_scheduler_machine(factory)], None  # general and memory-pressure configurations
 
 
 # ----------------------------------------------------------------------------- 5. end-to-end
@@ -211,7 +211,7 @@ def build_e2e(ctx: Context):
             got = dict(enumerate(outs))
         _compare(ctx, workload, got)
 
-    wl = workloads(max_requests=p.max_requests, max_prompt_len=80, max_tokens=16)
+    wl = workloads(max_requests=p.max_requests, max_prompt_len=80, max_tokens=16, max_model_len=MAX_MODEL_LEN)
     if use_engine:
         return st.tuples(wl, fast_engine_options(MAX_MODEL_LEN)), body
     return st.tuples(wl.map(lambda w: Workload(w.prompts, w.params, w.priorities, {})), st.just({})), body
@@ -231,16 +231,25 @@ def build_same_seed(ctx: Context):
             tb = [c.token_ids for c in y.outputs]
             assert ta == tb, f"request {x.request_id}: two runs with seed 7 differ: {ta} vs {tb}"
 
-    return workloads(max_requests=6, max_tokens=12), body
+    return workloads(max_requests=6, max_tokens=12, max_model_len=MAX_MODEL_LEN), body
+
+
+def _reseeded(params: SamplingParams, shift: int) -> SamplingParams:
+    """The same request with another seed (an unseeded one stays unseeded)."""
+    if params.seed is None or shift == 0:
+        return params
+    return SamplingParams(**{**params.__dict__, "seed": (params.seed + shift) % 2**32})
 
 
 def build_batch_invariance(ctx: Context):
+    """A greedy or seeded request yields the same output alone or in any batch, at any position,
+    whatever the other requests' seeds (SPEC §6)."""
     def body(ctx, case):
-        workload, position = case
+        workload, position, shift = case
         workload = ctx.supported(workload, vs_oracle=True)
         target = (workload.prompts[0], workload.params[0])
         alone = ctx.adapter.generate([target[0]], [target[1]])
-        prompts, params = list(workload.prompts[1:]), list(workload.params[1:])
+        prompts, params = list(workload.prompts[1:]), [_reseeded(p, shift) for p in workload.params[1:]]
         k = min(position, len(prompts))
         prompts.insert(k, target[0])
         params.insert(k, target[1])
@@ -251,7 +260,40 @@ def build_batch_invariance(ctx: Context):
         check_request_outputs(e.model, e.model_config.eos_token_ids, [(target[0]["prompt_token_ids"], target[1])],
                               alone, [together[k]])
 
-    return st.tuples(workloads(max_requests=8, max_tokens=12), st.integers(0, 8)), body
+    return st.tuples(workloads(max_requests=8, max_tokens=12), st.integers(0, 8), st.sampled_from([0, 1, 9973])), body
+
+
+# Unseeded sampling: equal requests draw different samples. With temperature 1 over a random
+# model's next-token distribution, COPIES samples of TOKENS tokens all equal by chance is
+# vanishingly unlikely; a draw all identical means the requests share one random stream.
+UNSEEDED_COPIES, UNSEEDED_TOKENS = 4, 8
+
+
+def build_unseeded_differ(ctx: Context):
+    """Unseeded requests with the same prompt, in one call and across calls, do not produce
+    identical samples (SPEC §6: each draws its own base seed from the engine's generator)."""
+    vocab = _vocab(ctx.model_dir)
+
+    def body(ctx, case):
+        prompt, n = case
+        params = SamplingParams(temperature=1.0, max_tokens=UNSEEDED_TOKENS, ignore_eos=True, n=n)
+        adapter = ctx.adapter  # one engine for every example: its generator runs on, as a server's does
+        if getattr(adapter, "unsupported", lambda p: None)(params) is not None:
+            raise NotApplicable("the engine cannot run n > 1 unseeded requests")
+        prompts = [{"prompt_token_ids": prompt}] * UNSEEDED_COPIES
+        first = adapter.generate(prompts, [params] * UNSEEDED_COPIES)
+        second = adapter.generate(prompts[:1], [params])
+        check_outputs_complete([(prompt, params)] * UNSEEDED_COPIES, first)
+        for i in range(n):
+            copies = [out.outputs[i].token_ids for out in first]
+            assert any(c != copies[0] for c in copies), (
+                f"sample {i} of {UNSEEDED_COPIES} unseeded requests with prompt {prompt[:8]}... (n={n}) is the "
+                f"same in each: {copies[0]}; the requests share one random stream")
+        again = second[0].outputs[0].token_ids
+        assert again != first[0].outputs[0].token_ids, (
+            f"an unseeded request repeats in a second generate call: {again}; the engine's generator restarted")
+
+    return st.tuples(st.lists(st.integers(3, vocab - 1), min_size=1, max_size=16), st.sampled_from([1, 2])), body
 
 
 # ----------------------------------------------------------------------------- 7. robustness
@@ -338,6 +380,7 @@ CHECKS = [
     Check("e2e", "workloads_vs_oracle", build_e2e),
     Check("determinism", "same_seed_same_output", build_same_seed),
     Check("determinism", "batch_invariance", build_batch_invariance),
+    Check("determinism", "unseeded_requests_differ", build_unseeded_differ),
     Check("robustness", "bad_requests_rejected", build_bad_inputs),
     Check("robustness", "bad_sampling_params", build_bad_params),
     Check("robustness", "abort_frees_everything", build_abort_frees),

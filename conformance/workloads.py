@@ -28,9 +28,18 @@ class Workload:
         return {i for ids in self.aborts.values() for i in ids}
 
 
+# Where a request meets the model's length limit: prompt + max_tokens minus max_model_len, or a
+# prompt of exactly max_model_len ("full") or one less ("full-1").
+LIMIT_KINDS = ("at", "below", "above", "full", "full-1")
+
+
 @st.composite
-def sampling_params_strategy(draw, max_tokens: int = 16, vocab: int = 512, allow_stop_strings: bool = True):
-    kw = dict(max_tokens=draw(st.integers(1, max_tokens)), ignore_eos=draw(st.booleans()))
+def sampling_params_strategy(draw, max_tokens: int = 16, vocab: int = 512, allow_stop_strings: bool = True,
+                             fixed_max_tokens: int | None = None):
+    if fixed_max_tokens is None:
+        # max_tokens = 1 (a prefill that also ends the request) often, else uniform.
+        fixed_max_tokens = draw(st.sampled_from([1, None, None, None])) or draw(st.integers(1, max_tokens))
+    kw = dict(max_tokens=fixed_max_tokens, ignore_eos=draw(st.booleans()))
     if draw(st.booleans()):
         kw.update(repetition_penalty=draw(st.sampled_from([1.0, 1.2, 0.8])),
                   presence_penalty=draw(st.sampled_from([0.0, 0.5, -0.5])),
@@ -44,8 +53,8 @@ def sampling_params_strategy(draw, max_tokens: int = 16, vocab: int = 512, allow
     if allow_stop_strings and draw(st.integers(0, 3)) == 0:
         kw["stop"] = draw(st.lists(st.sampled_from(STOP_STRINGS), min_size=1, max_size=2))
         kw["include_stop_str_in_output"] = draw(st.booleans())
-    if draw(st.integers(0, 4)) == 0:
-        kw["min_tokens"] = draw(st.integers(0, kw["max_tokens"]))
+    if draw(st.integers(0, 3)) == 0:  # min_tokens == max_tokens (stops masked to the end) often
+        kw["min_tokens"] = draw(st.sampled_from([kw["max_tokens"], None])) or draw(st.integers(0, kw["max_tokens"]))
     if draw(st.booleans()):
         return SamplingParams(temperature=0.0, **kw)
     return SamplingParams(
@@ -61,7 +70,11 @@ def sampling_params_strategy(draw, max_tokens: int = 16, vocab: int = 512, allow
 
 @st.composite
 def workloads(draw, vocab: int = 512, max_requests: int = 40, max_prompt_len: int = 80,
-              max_tokens: int = 16, max_abort_step: int = 30, allow_stop_strings: bool = True):
+              max_tokens: int = 16, max_abort_step: int = 30, allow_stop_strings: bool = True,
+              max_model_len: int | None = None):
+    """With `max_model_len`, about one request in four sits on the length limit (`LIMIT_KINDS`):
+    prompt + max_tokens at, one below or one above it, or a prompt of exactly max_model_len
+    (one token) or one less."""
     token = st.integers(3, vocab - 1)
 
     def tokens(lo: int, hi: int) -> list[int]:
@@ -73,14 +86,32 @@ def workloads(draw, vocab: int = 512, max_requests: int = 40, max_prompt_len: in
     prompts, params, priorities = [], [], []
     for _ in range(num):
         prefix = draw(st.sampled_from([[], *prefixes]))
-        tail = tokens(0 if prefix else 1, max_prompt_len - len(prefix))
+        limit = draw(st.sampled_from([None, None, None, *LIMIT_KINDS])) if max_model_len else None
+        if limit is None:
+            tail = tokens(0 if prefix else 1, max_prompt_len - len(prefix))
+            fixed = None
+        else:
+            length, fixed = _at_limit(draw, limit, max_model_len, max_tokens)
+            prefix = prefix[:length]
+            tail = draw(st.lists(token, min_size=length - len(prefix), max_size=length - len(prefix)))
         prompts.append({"prompt_token_ids": prefix + tail})
-        params.append(draw(sampling_params_strategy(max_tokens, vocab, allow_stop_strings)))
+        params.append(draw(sampling_params_strategy(max_tokens, vocab, allow_stop_strings, fixed)))
         priorities.append(draw(st.integers(0, 3)))
     aborts: dict[int, list[int]] = {}
     for i in draw(st.lists(st.integers(0, num - 1), max_size=min(num, 4), unique=True)):
         aborts.setdefault(draw(st.integers(0, max_abort_step)), []).append(i)
     return Workload(prompts, params, priorities, aborts)
+
+
+def _at_limit(draw, kind: str, max_model_len: int, max_tokens: int) -> tuple[int, int]:
+    """(prompt length, max_tokens) of a request on the length limit."""
+    if kind == "full":
+        return max_model_len, draw(st.integers(1, max_tokens))
+    if kind == "full-1":
+        return max_model_len - 1, draw(st.integers(1, max_tokens))
+    new = draw(st.integers(2, max_tokens)) if max_tokens >= 2 else 1
+    total = max_model_len + {"at": 0, "below": -1, "above": 1}[kind]
+    return min(total - new, max_model_len), new
 
 
 @st.composite

@@ -362,3 +362,63 @@ def test_engine_never_reporting_a_finished_request_is_caught(tiny_model_dir, mon
     result = run("e2e", "workloads_vs_oracle", tiny_model_dir)
     assert result.status == "failed"
     assert "never finished" in result.message
+
+
+# ----------------------------------------------------------------------------- seeds and limits
+
+def test_unseeded_requests_sharing_one_base_seed_is_caught(tiny_model_dir, monkeypatch):
+    import fast.engine
+
+    monkeypatch.setattr(fast.engine, "draw_base_seed", lambda generator: 12345)  # never advances
+    result = run("determinism", "unseeded_requests_differ", tiny_model_dir)
+    assert result.status == "failed"
+    assert "share one random stream" in result.message or "generator restarted" in result.message
+
+
+def test_seeded_request_depending_on_other_seeds_is_caught(tiny_model_dir, monkeypatch):
+    """Every seeded sample's generator is seeded from the first seeded request of the call."""
+    import fast.engine
+    from ref.sequence import make_sequences
+
+    first_seed: list[int] = []
+
+    def shared(params, base_seed):
+        if params.seed is not None and not first_seed:
+            first_seed.append(params.seed)
+        if params.seed is not None:
+            from ref.sampling_params import SamplingParams
+
+            params = SamplingParams(**{**params.__dict__, "seed": first_seed[0]})
+        return make_sequences(params, base_seed)
+
+    from fast.llm import LLM
+
+    original_generate = LLM.generate
+
+    def generate(self, *args, **kwargs):  # "the first seeded request" of each call
+        first_seed.clear()
+        return original_generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(fast.engine, "make_sequences", shared)
+    monkeypatch.setattr(LLM, "generate", generate)
+    result = run("determinism", "batch_invariance", tiny_model_dir)
+    assert result.status == "failed"
+    assert "differs" in result.message
+
+
+def test_prompt_of_exactly_max_model_len_rejected_is_caught(tiny_model_dir, monkeypatch):
+    """An off-by-one in the engine's own length check: a prompt of max_model_len tokens (which
+    SPEC §5 says yields one token) is refused."""
+    import fast.engine
+
+    original = fast.engine.validate_request
+
+    def off_by_one(processed, params, limits, has_tokenizer):
+        if len(processed.prompt_token_ids) >= limits.max_model_len:
+            raise ValueError(f"prompt must be shorter than max_model_len ({limits.max_model_len})")
+        return original(processed, params, limits, has_tokenizer)
+
+    monkeypatch.setattr(fast.engine, "validate_request", off_by_one)
+    result = run("e2e", "workloads_vs_oracle", tiny_model_dir)
+    assert result.status == "failed"
+    assert "max_model_len" in result.message
