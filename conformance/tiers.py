@@ -217,6 +217,49 @@ def build_e2e(ctx: Context):
     return st.tuples(wl.map(lambda w: Workload(w.prompts, w.params, w.priorities, {})), st.just({})), body
 
 
+def _limit_variants(tokens: list[int], text: str, has_text: bool) -> list[SamplingParams]:
+    """Greedy requests whose stop conditions fall on the limits of a known greedy output `tokens`
+    (of its max_tokens): a stop token on the last allowed token, and one just past it; a stop
+    token masked by min_tokens up to the last token; a stop string ending the text, kept or cut."""
+    m, last = len(tokens), tokens[-1]
+    greedy = dict(temperature=0, ignore_eos=True)
+    variants = [
+        SamplingParams(max_tokens=m, stop_token_ids=[last], **greedy),
+        SamplingParams(max_tokens=max(1, m - 1), stop_token_ids=[last], **greedy),
+        SamplingParams(max_tokens=m, min_tokens=m, stop_token_ids=sorted(set(tokens)), **greedy),
+        SamplingParams(max_tokens=m, min_tokens=max(0, m - 1), stop_token_ids=[last], **greedy),
+    ]
+    if has_text and text.strip():
+        stop = text.rstrip()[-1]
+        variants += [SamplingParams(max_tokens=m, stop=[stop], include_stop_str_in_output=keep, **greedy)
+                     for keep in (False, True)]
+    return variants
+
+
+def build_stops_at_the_limit(ctx: Context):
+    """Stop tokens and strings on the last allowed token, min_tokens up to max_tokens, prompts at
+    and near max_model_len: the engine's outputs equal the oracle's (SPEC §5)."""
+    vocab = _vocab(ctx.model_dir)
+
+    def body(ctx, case):
+        prompt, max_tokens = case
+        probe = ctx.oracle.generate([{"prompt_token_ids": prompt}],
+                                    [SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)])[0]
+        out = probe.outputs[0]
+        params = _limit_variants(out.token_ids, out.text, ctx.oracle.llm.llm_engine.codec.has_tokenizer)
+        workload = ctx.supported(Workload([{"prompt_token_ids": prompt}] * len(params), params,
+                                          [0] * len(params), {}), vs_oracle=True)
+        outs = ctx.adapter.generate(workload.prompts, workload.params)
+        check_outputs_complete(_requests(workload), outs)
+        _compare(ctx, workload, dict(enumerate(outs)))
+
+    short = st.integers(1, 24)
+    near = st.integers(MAX_MODEL_LEN - 17, MAX_MODEL_LEN)  # prompt + max_tokens around max_model_len
+    prompts = st.one_of(short, near).flatmap(
+        lambda n: st.lists(st.integers(3, vocab - 1), min_size=n, max_size=n))
+    return st.tuples(prompts, st.integers(1, 16)), body
+
+
 # ----------------------------------------------------------------------------- 6. determinism
 
 def build_same_seed(ctx: Context):
@@ -378,6 +421,7 @@ CHECKS = [
     Check("allocator", "state_machine", build_allocator, stateful=True),
     Check("scheduler", "state_machine", build_scheduler, stateful=True),
     Check("e2e", "workloads_vs_oracle", build_e2e),
+    Check("e2e", "stops_at_the_limit", build_stops_at_the_limit),
     Check("determinism", "same_seed_same_output", build_same_seed),
     Check("determinism", "batch_invariance", build_batch_invariance),
     Check("determinism", "unseeded_requests_differ", build_unseeded_differ),

@@ -422,3 +422,22 @@ def test_prompt_of_exactly_max_model_len_rejected_is_caught(tiny_model_dir, monk
     result = run("e2e", "workloads_vs_oracle", tiny_model_dir)
     assert result.status == "failed"
     assert "max_model_len" in result.message
+
+
+def test_min_tokens_mask_lifted_one_token_early_is_caught(tiny_model_dir, monkeypatch):
+    """min_tokens off by one in the engine's own sampler: stop tokens are allowed at the last
+    masked position. Only a stop token that is the argmax exactly there shows it."""
+    from fast.sampler import NEG_INF, Sampler
+
+    def early(self, logits, rows):
+        for i, r in enumerate(rows):
+            p = r.params
+            if len(r.output_ids) < p.min_tokens - 1:
+                stop = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_token_ids))
+                logits[i, stop] = NEG_INF
+        return logits
+
+    monkeypatch.setattr(Sampler, "_apply_min_tokens", early)
+    result = run("e2e", "stops_at_the_limit", tiny_model_dir)
+    assert result.status == "failed"
+    assert "differs" in result.message
