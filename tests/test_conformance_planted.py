@@ -25,7 +25,8 @@ def run(tier: str, name: str, model_dir: str, seed: int | None = 1234):
 
 def test_clean_engine_passes_the_checks_used_below(tiny_model_dir):
     for tier, name in [("e2e", "workloads_vs_oracle"), ("allocator", "state_machine"),
-                       ("determinism", "batch_invariance")]:
+                       ("determinism", "batch_invariance"), ("e2e", "stops_at_the_limit"),
+                       ("determinism", "same_seed_same_output"), ("determinism", "unseeded_requests_differ")]:
         result = run(tier, name, tiny_model_dir)
         assert result.status == "passed", result.message
 
