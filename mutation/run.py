@@ -62,14 +62,39 @@ def config_text(target: Target) -> str:
         """)
 
 
-def sample_jobs(session: Path, k: int, seed: int) -> tuple[int, int]:
+def annotation_spans(path: Path) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """(start, end) positions of every type annotation: with `from __future__ import annotations`
+    they are never evaluated, so a mutant inside one is equivalent by construction."""
+    import ast
+
+    spans = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        notes = []
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            notes.append(node.returns)
+        elif isinstance(node, ast.arg):
+            notes.append(node.annotation)
+        elif isinstance(node, ast.AnnAssign):
+            notes.append(node.annotation)
+        spans += [((n.lineno, n.col_offset), (n.end_lineno, n.end_col_offset)) for n in notes if n is not None]
+    return spans
+
+
+def _in_annotation(item, spans) -> bool:
+    return any(start <= tuple(m.start_pos) and tuple(m.end_pos) <= end
+               for m in item.mutations for start, end in spans)
+
+
+def sample_jobs(session: Path, k: int, seed: int, module: Path) -> tuple[int, int]:
     """Keep k pending mutants chosen at random (seeded); mark the others skipped."""
     from cosmic_ray.work_db import WorkDB, use_db
     from cosmic_ray.work_item import WorkerOutcome, WorkResult
 
+    spans = annotation_spans(module)
     with use_db(str(session), WorkDB.Mode.open) as db:
         jobs = [item for item in db.pending_work_items
-                if not any(m.operator_name in EXCLUDED_OPERATORS for m in item.mutations)]
+                if not any(m.operator_name in EXCLUDED_OPERATORS for m in item.mutations)
+                and not _in_annotation(item, spans)]
         excluded = [item.job_id for item in db.pending_work_items if item not in jobs]
         keep = set(item.job_id for item in random.Random(seed).sample(jobs, min(k, len(jobs))))
         skip = [item.job_id for item in jobs if item.job_id not in keep] + excluded
@@ -97,6 +122,7 @@ def report(session: Path, name: str, total: int, out: Path) -> dict:
     judged = counts["killed"] + counts["survived"]
     score = counts["killed"] / judged if judged else float("nan")
     lines = [f"# Mutation results: {TARGETS[name].path}", "",
+             "(mutants inside type annotations are left out: never evaluated, so equivalent)", "",
              f"test command: `{test_command(TARGETS[name])}`", "",
              f"mutants in the module: {total}; sampled: {judged + counts['incompetent']}; killed "
              f"{counts['killed']}, survived {counts['survived']}, incompetent {counts['incompetent']}; "
@@ -119,7 +145,7 @@ def run_module(name: str, sample: int, seed: int, workdir: Path) -> dict:
         cfg.write_text(config_text(target))
         cr = [sys.executable, "-m", "cosmic_ray.cli"]
         subprocess.run([*cr, "init", str(cfg), str(session)], cwd=tree, check=True)
-        total, kept = sample_jobs(session, sample, seed)
+        total, kept = sample_jobs(session, sample, seed, tree / target.path)
         print(f"{name}: {total} mutants, running {kept}", flush=True)
         subprocess.run([*cr, "exec", str(cfg), str(session)], cwd=tree, check=True)
         out = ROOT / "mutation" / "results" / f"{name}.md"
