@@ -260,12 +260,17 @@ class HFContinuousAdapter(HFAdapter):
 ADAPTERS = {"ref": RefAdapter, "fast": FastAdapter, "hf": HFAdapter, "hf-cb": HFContinuousAdapter}
 
 
+def check_engine_spec(spec: str) -> None:
+    """Raises ValueError unless `spec` is a built-in name or `module:factory` (imports nothing)."""
+    if spec not in ADAPTERS and ":" not in spec:
+        raise ValueError(f"--engine must be one of {sorted(ADAPTERS)} or module:factory, got {spec!r}")
+
+
 def load_adapter(spec: str, model_dir: str, **options: Any):
     """`spec` is a built-in name or `module:factory`."""
+    check_engine_spec(spec)
     if spec in ADAPTERS:
         return ADAPTERS[spec](model_dir, **options)
-    if ":" not in spec:
-        raise ValueError(f"--engine must be one of {sorted(ADAPTERS)} or module:factory, got {spec!r}")
     module, attr = spec.split(":", 1)
     factory = getattr(importlib.import_module(module), attr)
     adapter = factory(model_dir, **options)

@@ -11,7 +11,12 @@ from typing import Any
 from hypothesis import HealthCheck, Phase, given, seed as hyp_seed, settings
 from hypothesis.stateful import run_state_machine_as_test
 
+from conformance.isolation import EngineFailure, EngineHost
 from conformance.tiers import CHECKS, TIERS, Check, Context, NotApplicable
+
+# Wall-clock budget of one check (seconds), per profile; `--timeout` overrides. An engine that
+# is still busy when it runs out fails that check ("timeout after N s", naming the call).
+CHECK_TIMEOUT_S = {"quick": 300.0, "full": 900.0, "deep": 3600.0}
 
 
 @dataclass
@@ -43,12 +48,22 @@ def _failure_text(err: BaseException) -> str:
     return text
 
 
-def run_check(check: Check, ctx: Context, seed: int | None, shrink: bool, replay: str) -> CheckResult:
+def run_check(check: Check, ctx: Context, seed: int | None, shrink: bool, replay: str,
+              engine: EngineHost | None = None, timeout: float | None = None) -> CheckResult:
+    """Run one check. With `engine`, the adapter lives in that engine process: `ctx.adapter` and
+    `ctx.make_adapter` are set to its proxies, and every call into it shares the `timeout` budget.
+    `seconds` is the wall time of the whole check (starting the engine process included)."""
     t0 = time.perf_counter()
     count = [0]
+    first_failure: list[str] = []  # shown if the engine then fails hard (e.g. times out while shrinking)
     cfg = _settings(ctx, seed, shrink)
     info = {"max_examples": ctx.profile.examples, "seed": seed, "profile": ctx.profile.name}
+    if engine is not None:
+        info["timeout_s"] = timeout
     try:
+        if engine is not None:
+            engine.begin(timeout)
+            ctx.adapter, ctx.make_adapter = engine.adapter, engine.make_adapter
         built, body = check.build(ctx)
         if check.stateful:
             for machine in built:
@@ -60,18 +75,31 @@ def run_check(check: Check, ctx: Context, seed: int | None, shrink: bool, replay
             @given(built)
             def prop(value: Any) -> None:
                 count[0] += 1
-                body(ctx, value)
+                try:
+                    body(ctx, value)
+                except Exception as err:
+                    if not first_failure:
+                        first_failure.append(_failure_text(err))
+                    raise
 
             if seed is not None:
                 prop = hyp_seed(seed)(prop)
             prop()
     except NotApplicable as na:
         return CheckResult(check.tier, check.name, "n/a", 0, time.perf_counter() - t0, str(na), info, replay)
+    except EngineFailure as err:  # hung, died, or raised a BaseException: the engine process is gone
+        message = str(err)
+        if first_failure:
+            message += "\nbefore that, this example had failed:\n" + first_failure[0]
+        return CheckResult(check.tier, check.name, "failed", count[0], time.perf_counter() - t0, message, info, replay)
     except Exception as err:  # noqa: BLE001 - a failed check of any kind is reported, not raised
         message = _failure_text(err)
         if not message.strip() or message.startswith("AssertionError: \n"):
             message += "\n" + traceback.format_exc(limit=-3)
         return CheckResult(check.tier, check.name, "failed", count[0], time.perf_counter() - t0, message, info, replay)
+    finally:
+        if engine is not None:
+            engine.end()
     return CheckResult(check.tier, check.name, "passed", count[0], time.perf_counter() - t0, "", info, replay)
 
 
@@ -98,6 +126,7 @@ def table(results: list[CheckResult]) -> str:
 
 
 def write_report(path: str, results: list[CheckResult], meta: dict) -> None:
-    doc = {**meta, "passed": all(r.status != "failed" for r in results), "checks": [asdict(r) for r in results]}
+    passed = all(r.status != "failed" for r in results) and not meta.get("interrupted")
+    doc = {**meta, "passed": passed, "checks": [asdict(r) for r in results]}
     with open(path, "w") as f:
         json.dump(doc, f, indent=2)

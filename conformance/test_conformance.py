@@ -2,7 +2,9 @@
 
 Environment: CONFORMANCE_ENGINE (ref | fast | hf | hf-cb | module:factory; default fast),
 CONFORMANCE_MODEL (checkpoint dir; default the embedded tiny model), CONFORMANCE_PROFILE
-(quick | full | deep; default quick). A check whose hook the engine lacks is skipped.
+(quick | full | deep; default quick), CONFORMANCE_TIMEOUT (seconds per check; default per
+profile). As with the CLI, the engine runs in its own process. A check whose hook the engine
+lacks is skipped.
 """
 
 from __future__ import annotations
@@ -20,25 +22,31 @@ def conformance_context():
 
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from conformance.adapters import load_adapter
+    from conformance.adapters import check_engine_spec
+    from conformance.isolation import EngineHost
+    from conformance.runner import CHECK_TIMEOUT_S
     from conformance.tiers import MAX_MODEL_LEN, PROFILES, Context
 
     engine = os.environ.get("CONFORMANCE_ENGINE", "fast")
+    check_engine_spec(engine)
     model = os.environ.get("CONFORMANCE_MODEL")
     if model is None:
         from ref.models import tiny_checkpoint
 
         model = str(tiny_checkpoint())
-    make = lambda d, **o: load_adapter(engine, d, **o)  # noqa: E731
-    return Context(adapter=make(model, max_model_len=MAX_MODEL_LEN), model_dir=model,
-                   profile=PROFILES[os.environ.get("CONFORMANCE_PROFILE", "quick")], make_adapter=make)
+    profile = os.environ.get("CONFORMANCE_PROFILE", "quick")
+    timeout = float(os.environ.get("CONFORMANCE_TIMEOUT", CHECK_TIMEOUT_S[profile]))
+    host = EngineHost(engine, model, {"max_model_len": MAX_MODEL_LEN})
+    yield Context(adapter=None, model_dir=model, profile=PROFILES[profile], make_adapter=host.make_adapter), host, timeout
+    host.close()
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=[f"{c.tier}/{c.name}" for c in CHECKS])
 def test_conformance(conformance_context, check):
     from conformance.runner import run_check
 
-    result = run_check(check, conformance_context, seed=None, shrink=True, replay="")
+    ctx, host, timeout = conformance_context
+    result = run_check(check, ctx, seed=None, shrink=True, replay="", engine=host, timeout=timeout)
     if result.status == "n/a":
         pytest.skip(result.message)
     assert result.status == "passed", result.message

@@ -1,0 +1,144 @@
+"""The suite cannot be fooled or hung by the engine it judges (issue #11).
+
+Every adapter of tests/bad_adapters.py breaks one promise; each run goes through the CLI entry
+on one cheap check with a small time budget, and must give a non-zero exit code and a report
+that names the problem. (Run in the suite's own process, `--no-isolation`, most of these pass
+or hang the suite: that is what the engine process prevents.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conformance.__main__ import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CHEAP_CHECK = ["--check", "same_seed_same_output", "--no-shrink"]  # two adapters, generate, no oracle
+
+
+def run_bad(tmp_path, name: str, *args: str, timeout: int = 60) -> tuple[int, dict, str]:
+    report = tmp_path / f"{name}.json"
+    code = main(["--engine", f"tests.bad_adapters:{name}", *(args or CHEAP_CHECK), "--timeout", str(timeout),
+                 "--report", str(report)])
+    doc = json.loads(report.read_text())
+    return code, doc, "\n".join(c["message"] for c in doc["checks"])
+
+
+@pytest.mark.parametrize("name, problem", [
+    ("exits", "the engine raised SystemExit(3)"),
+    ("interrupts", "the engine raised KeyboardInterrupt"),
+    ("segfaults", "killed by SIGSEGV"),
+    ("killed", "killed by SIGKILL (the kernel's out-of-memory killer"),
+    ("returns_nothing", "generate returned 0 outputs for"),
+    ("returns_none", "generate returned NoneType, not a list"),
+    ("too_few", "outputs for"),
+    ("too_many", "outputs for"),
+    ("wrong_types", "not a RequestOutput"),
+    ("reversed_order", "is not for request"),
+])
+def test_a_bad_engine_fails_the_check_and_the_report_says_why(tmp_path, name, problem):
+    code, doc, message = run_bad(tmp_path, name)
+    assert code == 1 and not doc["passed"], message
+    assert [c["status"] for c in doc["checks"]] == ["failed"]
+    assert problem in message, message
+    assert "generate(" in message or "output" in message, message
+
+
+def test_a_hanging_engine_times_out_naming_the_request_and_the_run_goes_on(tmp_path, capsys):
+    code, doc, message = run_bad(tmp_path, "hangs", "--tier", "robustness", "--no-shrink", timeout=20)
+    out = capsys.readouterr().out
+    assert code == 1
+    status = {c["check"]: c["status"] for c in doc["checks"]}
+    assert status["bad_requests_rejected"] == "failed"
+    assert status["abort_frees_everything"] == "passed"  # the next checks ran, in a fresh engine process
+    first = doc["checks"][0]
+    assert first["message"].startswith("timeout after 20 s, during BadAdapter.generate("), first["message"]
+    assert "prompt_token_ids" in first["message"] and "SamplingParams(" in first["message"]
+    assert 20 <= first["seconds"] < 60  # wall time of the check, the engine's share included
+    assert "failed (timeout after 20 s)" in out
+
+
+def test_an_engine_that_hangs_while_loading_times_out(tmp_path):
+    code, doc, message = run_bad(tmp_path, "hangs_while_loading", timeout=8)
+    assert code == 1
+    assert message.startswith("timeout after 8 s, during engine process.load_adapter('tests.bad_adapters:"), message
+
+
+def test_patching_the_comparison_in_the_engine_does_not_change_the_verdict(tmp_path, capfd):
+    """The adapter replaces every comparison function of the suite by one that passes, and
+    returns zero logits: the parent's comparison still runs, and fails."""
+    code, doc, message = run_bad(tmp_path, "patches_the_comparison", "--check", "logits_vs_transformers",
+                                 "--no-shrink")
+    assert code == 1, message
+    assert "teacher-forced logits vs transformers" in message, message
+    out, err = capfd.readouterr()
+    assert "Loading weights" not in out + err  # transformers' progress bars are off, in both processes
+
+
+def test_patching_the_runner_in_the_engine_does_not_change_the_verdict(tmp_path):
+    code, doc, message = run_bad(tmp_path, "patches_the_runner")
+    assert code == 1 and doc["checks"][0]["examples"] >= 1
+    assert "outputs for" in message, message
+
+
+@pytest.mark.parametrize("name, problem", [("sends_code", "reference to posix.system, which is not data"),
+                                           ("sends_a_call", "makes a call while it is decoded")])
+def test_bytes_that_would_run_code_in_the_suite_are_refused(tmp_path, monkeypatch, name, problem):
+    marker = tmp_path / "ran-code"
+    monkeypatch.setenv("BAD_ADAPTER_MARKER", str(marker))
+    code, doc, message = run_bad(tmp_path, name)
+    assert code == 1
+    assert "the engine sent undecodable data" in message and problem in message, message
+    assert not marker.exists()
+
+
+def test_the_safe_unpickler_admits_only_data():
+    import io
+
+    from conformance.isolation import Endpoint, SafeUnpickler
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, ("true",)
+
+    ep = Endpoint(None, is_parent=True)
+    with pytest.raises(pickle.UnpicklingError, match="not data"):
+        SafeUnpickler(io.BytesIO(pickle.dumps(Evil())), ep).load()
+    data = {"a": [1, 2.5, "x", None, (True, b"z")], "s": {1, 2}}
+    assert SafeUnpickler(io.BytesIO(pickle.dumps(data)), ep).load() == data
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys\nfrom conformance.__main__ import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n"
+            "    pass\nassert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'imported'\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "--timeout SECONDS" in proc.stdout and "--no-isolation" in proc.stdout
+
+
+def test_ctrl_c_reports_the_finished_checks_and_exits_130(tmp_path):
+    report = tmp_path / "interrupted.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRITON_INTERPRET": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "conformance", "--tier", "robustness", "--tier", "determinism",
+                             "--report", str(report)], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    lines = []
+    deadline = time.monotonic() + 120
+    for line in proc.stdout:
+        lines.append(line)
+        if "[passed]" in line or time.monotonic() > deadline:
+            break
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, "".join(lines) + rest
+    assert "INTERRUPTED" in rest and "tier" in rest  # the table of what finished
+    doc = json.loads(report.read_text())
+    assert doc["interrupted"] and not doc["passed"] and len(doc["checks"]) >= 1
