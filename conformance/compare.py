@@ -184,8 +184,8 @@ def check_logprob_entry(name: str, oracle: dict, candidate: dict, k: int, dtype:
     row = oracle_logprobs().float()
     for t, c in candidate.items():
         if abs(float(row[t]) - c.logprob) > atol:
-            raise AssertionError(f"{name}: token {t} carries logprob {c.logprob:.6g} but the oracle's for that token is "
-                                 f"{float(row[t]):.6g} (values attached to the wrong tokens?)")
+            raise AssertionError(f"{name}: token {t} carries logprob {c.logprob:.6g} but the oracle's for that "
+                                 f"token is {float(row[t]):.6g} (values attached to the wrong tokens?)")
         lo, hi = rank_bounds(row, t, margin)
         if not lo <= c.rank <= hi:
             want = oracle[t].rank if t in oracle else lo

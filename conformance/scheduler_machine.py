@@ -357,11 +357,13 @@ class SchedulerMachine(RuleBasedStateMachine):
                 f"waiting queue {_short(waiting)}, the policy has {_short(want_waiting)} (preempted requests "
                 f"re-enter at the head, the last chosen first)")
         else:
-            assert sorted(waiting) == sorted(want_waiting), f"waiting {_short(waiting)}, the policy has {_short(want_waiting)}"
+            assert sorted(waiting) == sorted(want_waiting), (
+                f"waiting {_short(waiting)}, the policy has {_short(want_waiting)}")
         for r in self.scheduler.running:
             assert r.status is Status.RUNNING and r.group.request_id in self.groups
             want = self.model.computed[id(r)]
-            assert r.num_computed_tokens == want, f"{r.request_id}: {r.num_computed_tokens} computed, the policy has {want}"
+            assert r.num_computed_tokens == want, (
+                f"{r.request_id}: {r.num_computed_tokens} computed, the policy has {want}")
         self.healthy = True
 
     @invariant()
@@ -392,7 +394,8 @@ class SchedulerMachine(RuleBasedStateMachine):
             steps += 1
             assert steps <= bound, (
                 f"{self.config.policy}: unfinished after {bound} steps with no new work (starvation or "
-                f"livelock): running {_short(_ids(self.scheduler.running))}, waiting {_short(_ids(self.scheduler.waiting))}")
+                f"livelock): running {_short(_ids(self.scheduler.running))}, "
+                f"waiting {_short(_ids(self.scheduler.waiting))}")
         assert not self.groups, f"requests {sorted(self.groups)} never finished"
         assert self.kv.num_free_blocks == self.kv.config.num_blocks, "blocks leaked after every request finished"
         self.kv.check_invariants()
@@ -423,7 +426,8 @@ PRESSURE_SETUP = {
 SchedulerMachine.SETUPS = (GENERAL_SETUP, PRESSURE_SETUP)
 
 
-def make_scheduler_machine(factory, name: str = "SchedulerMachine", setup: dict | None = None) -> type[SchedulerMachine]:
+def make_scheduler_machine(factory, name: str = "SchedulerMachine",
+                           setup: dict | None = None) -> type[SchedulerMachine]:
     """A `SchedulerMachine` for another scheduler implementation; use its `.TestCase`.
     `setup` replaces some of the configuration strategies (see `GENERAL_SETUP`); by default a run
     draws from the general space or the memory-pressure one."""

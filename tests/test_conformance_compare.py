@@ -75,7 +75,8 @@ def test_near_tied_tokens_may_swap_places_and_ranks():
     tied = row({0: -0.5, 1: -0.5 - MARGIN / 4, 2: -2.0})
     oracle = entry(tied, 2, [0, 1])
     # A correct engine whose noise put token 1 first: ranks swapped, each value still its own.
-    cand = {2: oracle[2], 1: Logprob(float(tied[1]) + ATOL / 2, 1, "<1>"), 0: Logprob(float(tied[0]) - ATOL / 2, 2, "<0>")}
+    cand = {2: oracle[2], 1: Logprob(float(tied[1]) + ATOL / 2, 1, "<1>"),
+            0: Logprob(float(tied[0]) - ATOL / 2, 2, "<0>")}
     check_logprob_entry("x", oracle, cand, 2, F32, lambda: tied)
 
 
