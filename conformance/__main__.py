@@ -43,7 +43,7 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' weight-loading bars
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle threads must not spin: the engine process needs the cores
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle threads must not spin (isolation.PASSIVE_THREADS)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,7 +37,8 @@ def conformance_context():
     profile = os.environ.get("CONFORMANCE_PROFILE", "quick")
     timeout = float(os.environ.get("CONFORMANCE_TIMEOUT", CHECK_TIMEOUT_S[profile]))
     host = EngineHost(engine, model, {"max_model_len": MAX_MODEL_LEN})
-    yield Context(adapter=None, model_dir=model, profile=PROFILES[profile], make_adapter=host.make_adapter), host, timeout
+    ctx = Context(adapter=None, model_dir=model, profile=PROFILES[profile], make_adapter=host.make_adapter)
+    yield ctx, host, timeout
     host.close()
 
 
