@@ -303,7 +303,9 @@ def build_batch_invariance(ctx: Context):
         check_request_outputs(e.model, e.model_config.eos_token_ids, [(target[0]["prompt_token_ids"], target[1])],
                               alone, [together[k]])
 
-    return st.tuples(workloads(max_requests=8, max_tokens=12), st.integers(0, 8), st.sampled_from([0, 1, 9973])), body
+    # Positions uniform (Hypothesis' integers favour 0, which leaves the target first in its batch).
+    positions = st.sampled_from(range(9))
+    return st.tuples(workloads(max_requests=8, max_tokens=12), positions, st.sampled_from([0, 1, 9973])), body
 
 
 # Unseeded sampling: equal requests draw different samples. With temperature 1 over a random
