@@ -8,6 +8,7 @@ tier reported as "n/a", not as passed:
 - `attention_backends() -> dict[str, AttentionBackend]`    tier kernel
 - `allocator_factory` (KVCacheConfig -> allocator)         tier allocator
 - `scheduler_factory` ((SchedulerConfig, kv) -> scheduler) tier scheduler
+- `sample(logits, rows, eos_token_ids) -> list[int]`       tier sampler (conformance/sampling.py)
 - `make_engine(**options)` -> LLMEngine-like object        aborts, streaming, leak checks
 - `kv_is_empty(engine) -> bool`                            robustness: aborts free everything
 
@@ -94,6 +95,12 @@ class FastAdapter:
         from fast import EngineConfig, LLMEngine
 
         return LLMEngine(EngineConfig.from_options(self.model_dir, {**self.options, **options}))
+
+    @staticmethod
+    def sample(logits, rows, eos_token_ids) -> list[int]:
+        from conformance.sampling import fast_sample
+
+        return fast_sample(logits, rows, eos_token_ids)
 
     @staticmethod
     def kv_is_empty(engine) -> bool:

@@ -85,7 +85,9 @@ def _check_sample(prompt: list[int], p: SamplingParams, c, rules: ModelRules, la
     assert c.finish_reason in ("stop", "length"), f"{label}: finish_reason {c.finish_reason!r}"
     assert n >= 1, f"{label}: finished with no token"
     assert all(0 <= t < rules.vocab_size for t in ids), f"{label}: a token id outside the vocabulary: {ids}"
-    assert n <= limit and len(prompt) + n <= rules.max_model_len, (
+    # SPEC §5.3: the sample ends once prompt + output reaches max_model_len, so a prompt of
+    # exactly max_model_len tokens still yields its one token.
+    assert n <= limit and (len(prompt) + n <= rules.max_model_len or n == 1), (
         f"{label}: {n} tokens after a {len(prompt)}-token prompt passes max_tokens={p.max_tokens} "
         f"or max_model_len={rules.max_model_len}")
     stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(rules.eos_token_ids))
@@ -122,7 +124,7 @@ def _check_finish(ids, p, c, rules, stop_ids, limit, prompt_len, label) -> None:
         assert c.finish_reason == "length", (
             f"{label}: finish_reason {c.finish_reason!r} but no stop token/string ends it")
         assert c.stop_reason is None, f"{label}: stop_reason {c.stop_reason!r} on a length finish"
-        assert n == limit or prompt_len + n == rules.max_model_len, (
+        assert n == limit or prompt_len + n >= rules.max_model_len, (
             f"{label}: length finish after {n} tokens, but max_tokens={p.max_tokens} and "
             f"max_model_len={rules.max_model_len} - {prompt_len} prompt tokens")
         want_text = full

@@ -29,11 +29,12 @@ class CheckResult:
     message: str = ""
     settings: dict = field(default_factory=dict)
     replay: str = ""
+    coverage: dict = field(default_factory=dict)  # feature/path -> examples that reached it
 
 
-def _settings(ctx: Context, seed: int | None, shrink: bool) -> settings:
+def _settings(ctx: Context, seed: int | None, shrink: bool, scale: int = 1) -> settings:
     phases = [Phase.explicit, Phase.reuse, Phase.generate] + ([Phase.shrink] if shrink else [])
-    return settings(max_examples=ctx.profile.examples, deadline=None, database=None, phases=phases,
+    return settings(max_examples=ctx.profile.examples * scale, deadline=None, database=None, phases=phases,
                     derandomize=seed is None, stateful_step_count=ctx.profile.stateful_steps,
                     suppress_health_check=list(HealthCheck), print_blob=False)
 
@@ -56,8 +57,9 @@ def run_check(check: Check, ctx: Context, seed: int | None, shrink: bool, replay
     t0 = time.perf_counter()
     count = [0]
     first_failure: list[str] = []  # shown if the engine then fails hard (e.g. times out while shrinking)
-    cfg = _settings(ctx, seed, shrink)
-    info = {"max_examples": ctx.profile.examples, "seed": seed, "profile": ctx.profile.name}
+    covered: dict = {}
+    cfg = _settings(ctx, seed, shrink, check.example_scale)
+    info = {"max_examples": ctx.profile.examples * check.example_scale, "seed": seed, "profile": ctx.profile.name}
     if engine is not None:
         info["timeout_s"] = timeout
     try:
@@ -85,22 +87,39 @@ def run_check(check: Check, ctx: Context, seed: int | None, shrink: bool, replay
             if seed is not None:
                 prop = hyp_seed(seed)(prop)
             prop()
+        coverage = _coverage_of(built, body)
+        if coverage is not None:
+            covered.update(coverage.as_dict())
+            coverage.check_minimum()  # what the examples never reached fails the check
     except NotApplicable as na:
         return CheckResult(check.tier, check.name, "n/a", 0, time.perf_counter() - t0, str(na), info, replay)
     except EngineFailure as err:  # hung, died, or raised a BaseException: the engine process is gone
         message = str(err)
         if first_failure:
             message += "\nbefore that, this example had failed:\n" + first_failure[0]
-        return CheckResult(check.tier, check.name, "failed", count[0], time.perf_counter() - t0, message, info, replay)
+        return CheckResult(check.tier, check.name, "failed", count[0], time.perf_counter() - t0, message, info, replay,
+                           covered)
     except Exception as err:  # noqa: BLE001 - a failed check of any kind is reported, not raised
         message = _failure_text(err)
         if not message.strip() or message.startswith("AssertionError: \n"):
             message += "\n" + traceback.format_exc(limit=-3)
-        return CheckResult(check.tier, check.name, "failed", count[0], time.perf_counter() - t0, message, info, replay)
+        return CheckResult(check.tier, check.name, "failed", count[0], time.perf_counter() - t0, message, info, replay,
+                           covered)
     finally:
         if engine is not None:
             engine.end()
-    return CheckResult(check.tier, check.name, "passed", count[0], time.perf_counter() - t0, "", info, replay)
+    return CheckResult(check.tier, check.name, "passed", count[0], time.perf_counter() - t0, "", info, replay,
+                       covered)
+
+
+def _coverage_of(built: Any, body: Any):
+    """The check's coverage record (`as_dict()`, `check_minimum()`), if it keeps one: on the
+    body function or its object (e2e, kernel), or on the stateful run (allocator)."""
+    for holder in (body, getattr(body, "__self__", None), built):
+        coverage = getattr(holder, "coverage", None)
+        if coverage is not None and hasattr(coverage, "check_minimum"):
+            return coverage
+    return None
 
 
 def select(tiers: list[str] | None, check_name: str | None) -> list[Check]:
@@ -122,6 +141,12 @@ def table(results: list[CheckResult]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    covered = [r for r in results if r.coverage]
+    if covered:
+        lines += ["", "what the examples exercised (examples per feature or path):"]
+        for r in covered:
+            items = ", ".join(f"{k} {v}" for k, v in r.coverage.items())
+            lines.append(f"  {r.tier}/{r.check}: {items}")
     return "\n".join(lines)
 
 

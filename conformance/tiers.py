@@ -1,4 +1,4 @@
-"""The seven tiers of checks. Each check is a Hypothesis property run against an adapter.
+"""The eight tiers of checks. Each check is a Hypothesis property run against an adapter.
 
 A check returns normally (passed), raises (failed: the minimal example is in the message), or
 raises `NotApplicable` when the adapter lacks the hook the check needs.
@@ -13,11 +13,12 @@ import torch
 from hypothesis import strategies as st
 
 from conformance.compare import LOGIT_ATOL, assert_close, check_outputs_complete, check_request_outputs
+from conformance.coverage import Coverage, e2e_minimums, metric_features, option_features, output_features
 from conformance.driver import run_workload
 from conformance.workloads import Workload, fast_engine_options, workloads
 from ref.sampling_params import SamplingParams
 
-TIERS = ("model", "kernel", "allocator", "scheduler", "e2e", "determinism", "robustness")
+TIERS = ("model", "kernel", "allocator", "scheduler", "sampler", "e2e", "determinism", "robustness")
 MAX_MODEL_LEN = 128
 
 
@@ -52,6 +53,16 @@ class Context:
     make_adapter: Callable[..., Any]  # (model_dir, **options) -> adapter of the same engine
     options: dict = field(default_factory=dict)
     _oracle: Any = None
+    _rules: Any = None
+
+    @property
+    def rules(self):
+        """SPEC's output rules for this model, read from the checkpoint without ref/ code."""
+        if self._rules is None:
+            from conformance.contract import ModelRules
+
+            self._rules = ModelRules.from_checkpoint(self.model_dir, MAX_MODEL_LEN)
+        return self._rules
 
     @property
     def oracle(self):
@@ -89,6 +100,7 @@ class Check:
     # Returns (strategy, body): the runner draws from `strategy` and calls body(ctx, value).
     build: Callable[[Context], tuple[st.SearchStrategy, Callable[[Context, Any], None]]]
     stateful: bool = False  # build returns a RuleBasedStateMachine class instead
+    example_scale: int = 1  # examples = profile.examples x this (cheap checks draw more)
 
 
 # ----------------------------------------------------------------------------- 1. model
@@ -176,15 +188,35 @@ def build_scheduler(ctx: Context):
     return [make_scheduler_machine(factory)], None  # general and memory-pressure configurations
 
 
-# ----------------------------------------------------------------------------- 5. end-to-end
+# ----------------------------------------------------------------------------- 5. sampler
+
+def build_sampler(ctx: Context):
+    """The engine's batched sampler vs the oracle's on logits built to sit on SPEC §6's edges
+    (conformance/sampling.py): ties, all-negative rows, EOS on top, exact top-p/min-p cuts."""
+    sample = ctx.hook("sample")
+    from conformance.sampling import VOCAB, check_sampler, sampler_batches
+
+    eos = ctx.rules.eos_token_ids or (2,)
+    return sampler_batches(vocab=max(VOCAB, max(eos) + 1), eos=eos), lambda ctx, batch: check_sampler(sample, batch[0], batch[1], eos)
+
+
+# ----------------------------------------------------------------------------- 6. end-to-end
 
 def _requests(workload: Workload) -> list[tuple[list[int], SamplingParams]]:
     return [(p["prompt_token_ids"], params) for p, params in zip(workload.prompts, workload.params)]
 
 
 def _compare(ctx: Context, workload: Workload, got: dict) -> None:
+    """Both sides obey SPEC's output rules on their own (conformance/contract.py: this catches
+    a bug in the code fast shares with ref), then the engine equals the oracle."""
+    from conformance.contract import check_output_contract
+
     keep = sorted(got)
     expected = ctx.oracle.generate([workload.prompts[i] for i in keep], [workload.params[i] for i in keep])
+    for side, outs in (("oracle", expected), ("engine", [got[i] for i in keep])):
+        for i, out in zip(keep, outs):
+            check_output_contract(workload.prompts[i]["prompt_token_ids"], workload.params[i], out, ctx.rules,
+                                  f"{side} request {i}")
     e = ctx.oracle.llm.llm_engine
     check_request_outputs(e.model, e.model_config.eos_token_ids,
                           [(workload.prompts[i]["prompt_token_ids"], workload.params[i]) for i in keep],
@@ -197,19 +229,29 @@ def build_e2e(ctx: Context):
     kv_is_empty = getattr(ctx.adapter, "kv_is_empty", None)
     use_engine = make_engine is not None and getattr(ctx.adapter, "name", "") == "fast"
 
+    coverage = Coverage(minimums=e2e_minimums(p.name, engine_metrics=use_engine))
+
     def body(ctx, case):
         workload, options = case
+        features = option_features(options) | ({"abort"} if workload.aborts else set())
         if use_engine:
             engine = make_engine(**options)
             got = run_workload(engine, workload)  # checks every request finished, reported once
             if kv_is_empty is not None:
                 assert kv_is_empty(engine), "KV blocks leaked after the workload finished"
+            features |= metric_features(engine.get_metrics())
         else:
             workload = ctx.supported(workload, vs_oracle=True)
             outs = ctx.adapter.generate(workload.prompts, workload.params)
             check_outputs_complete(_requests(workload), outs)
             got = dict(enumerate(outs))
-        _compare(ctx, workload, got)
+        _compare(ctx, workload, got)  # features are counted only from outputs that passed
+        for i, out in got.items():
+            features |= output_features(workload.prompts[i]["prompt_token_ids"], workload.params[i], out,
+                                        MAX_MODEL_LEN, ctx.rules.eos_token_ids)
+        coverage.record(features)
+
+    body.coverage = coverage
 
     wl = workloads(max_requests=p.max_requests, max_prompt_len=80, max_tokens=16, max_model_len=MAX_MODEL_LEN)
     if use_engine:
@@ -260,7 +302,7 @@ def build_stops_at_the_limit(ctx: Context):
     return st.tuples(prompts, st.integers(1, 16)), body
 
 
-# ----------------------------------------------------------------------------- 6. determinism
+# ----------------------------------------------------------------------------- 7. determinism
 
 def build_same_seed(ctx: Context):
     def body(ctx, workload):
@@ -341,7 +383,7 @@ def build_unseeded_differ(ctx: Context):
     return st.tuples(st.lists(st.integers(3, vocab - 1), min_size=1, max_size=16), st.sampled_from([1, 2])), body
 
 
-# ----------------------------------------------------------------------------- 7. robustness
+# ----------------------------------------------------------------------------- 8. robustness
 
 def bad_requests(vocab: int, max_model_len: int, max_logprobs: int = 20) -> list[tuple[str, Any, Any]]:
     """(field the error must name, prompt, params) for every bad input of SPEC.md §4."""
@@ -422,6 +464,7 @@ CHECKS = [
     Check("kernel", "paged_vs_dense", build_kernels),
     Check("allocator", "state_machine", build_allocator, stateful=True),
     Check("scheduler", "state_machine", build_scheduler, stateful=True),
+    Check("sampler", "edges_vs_oracle", build_sampler, example_scale=10),
     Check("e2e", "workloads_vs_oracle", build_e2e),
     Check("e2e", "stops_at_the_limit", build_stops_at_the_limit),
     Check("determinism", "same_seed_same_output", build_same_seed),

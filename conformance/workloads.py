@@ -120,14 +120,19 @@ def fast_engine_options(draw, max_model_len: int = 128):
     block_size = draw(st.sampled_from([4, 8, 16, 32]))
     needed = -(-max_model_len // block_size)
     max_num_seqs = draw(st.integers(1, 8))
+    # A quarter of the examples without chunked prefill: a whole prompt per step, so the budget
+    # must hold max_model_len tokens.
+    chunked = draw(st.integers(0, 3)) > 0
+    budget = draw(st.integers(max(max_num_seqs, 8), 96)) if chunked else draw(st.integers(max_model_len, 2 * max_model_len))
     return dict(
         max_model_len=max_model_len,
         block_size=block_size,
         # Half the time the smallest legal pool: one max-length request, so preemption is common.
         num_kv_blocks=needed if draw(st.booleans()) else draw(st.integers(needed, 3 * needed)),
         max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=draw(st.integers(max(max_num_seqs, 8), 96)),
+        max_num_batched_tokens=budget,
+        enable_chunked_prefill=chunked,
         enable_prefix_caching=draw(st.booleans()),
-        long_prefill_token_threshold=draw(st.sampled_from([0, 0, 7, 32])),
+        long_prefill_token_threshold=draw(st.sampled_from([0, 0, 7, 32])) if chunked else 0,
         policy=draw(st.sampled_from(["fcfs", "priority"])),
     )

@@ -55,6 +55,14 @@ SPEC_EXAMPLES = [
     (dict(max_tokens=8, min_tokens=2, stop=["a"]), "ab", ("", "stop", "a")),  # checked once 2 exist
     (dict(max_tokens=None), "abcdefghij", ("abcdefghij", "length", None)),  # 2 + 10 = max_model_len
 ]
+FULL_PROMPT = list(range(12))  # exactly max_model_len tokens: SPEC §5.3, one token comes out
+
+
+def test_a_prompt_of_max_model_len_yields_one_token():
+    params = SamplingParams(temperature=0, max_tokens=5)
+    check_output_contract(FULL_PROMPT, params, output(ids("a"), "a", "length", prompt=FULL_PROMPT), CHARS)
+    with pytest.raises(AssertionError, match="passes"):
+        check_output_contract(FULL_PROMPT, params, output(ids("ab"), "ab", "length", prompt=FULL_PROMPT), CHARS)
 
 
 @pytest.mark.parametrize("kw,gen,want", SPEC_EXAMPLES)
