@@ -16,6 +16,7 @@ from conformance.compare import LOGIT_ATOL, assert_close, check_outputs_complete
 from conformance.coverage import Coverage, e2e_minimums, metric_features, option_features, output_features
 from conformance.driver import run_workload
 from conformance.workloads import Workload, fast_engine_options, workloads
+from ref.inputs import DEFAULT_MAX_N, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
 from ref.sampling_params import SamplingParams
 
 TIERS = ("model", "kernel", "allocator", "scheduler", "sampler", "e2e", "determinism", "robustness")
@@ -397,6 +398,11 @@ def bad_requests(vocab: int, max_model_len: int, max_logprobs: int = 20) -> list
         ("logprobs", ok, SamplingParams(logprobs=max_logprobs + 1)),
         ("prompt_logprobs", ok, SamplingParams(prompt_logprobs=max_logprobs + 1)),
         ("stop_token_ids", ok, SamplingParams(stop_token_ids=[vocab + 3])),
+        ("prompt", "ok \udc80 then", SamplingParams()),  # not valid Unicode
+        ("n", ok, SamplingParams(n=DEFAULT_MAX_N + 1, temperature=1.0)),
+        ("stop", ok, SamplingParams(stop=["s"] * (MAX_STOP_STRINGS + 1))),
+        ("stop", ok, SamplingParams(stop=["x" * (MAX_STOP_STRING_CHARS + 1)])),
+        ("stop_token_ids", ok, SamplingParams(stop_token_ids=[3] * (MAX_STOP_TOKEN_IDS + 1))),
     ]
 
 
@@ -406,21 +412,23 @@ def build_bad_inputs(ctx: Context):
     good = {"prompt_token_ids": [5, 6, 7]}
     greedy = SamplingParams(temperature=0, max_tokens=4)
 
-    def body(ctx, index):
-        field_name, prompt, params = cases[index]
+    def body(ctx, order):
+        """Every bad request of SPEC §4, in a drawn order, to one engine that must keep serving."""
         adapter = ctx.make_adapter(ctx.model_dir, max_model_len=MAX_MODEL_LEN)
-        try:
-            adapter.generate([good, prompt], [greedy, params])
-        except ValueError as err:
-            assert field_name in str(err), f"error for bad {field_name} does not name it: {err}"
-        except Exception as err:  # noqa: BLE001 - any other exception type is the finding
-            raise AssertionError(f"bad {field_name}: raised {type(err).__name__}, not ValueError: {err}") from err
-        else:
-            raise AssertionError(f"bad {field_name} ({str(prompt)[:60]}, {params}) was accepted")
-        out = adapter.generate([good], [greedy])  # keeps serving
-        assert len(out[0].outputs[0].token_ids) == 4, "engine stopped serving after a rejected request"
+        for index in order:
+            field_name, prompt, params = cases[index]
+            try:
+                adapter.generate([good, prompt], [greedy, params])
+            except ValueError as err:
+                assert field_name in str(err), f"error for bad {field_name} does not name it: {err}"
+            except Exception as err:  # noqa: BLE001 - any other exception type is the finding
+                raise AssertionError(f"bad {field_name}: raised {type(err).__name__}, not ValueError: {err}") from err
+            else:
+                raise AssertionError(f"bad {field_name} ({str(prompt)[:60]}, {str(params)[:200]}) was accepted")
+            out = adapter.generate([good], [greedy])  # keeps serving
+            assert len(out[0].outputs[0].token_ids) == 4, "engine stopped serving after a rejected request"
 
-    return st.integers(0, len(cases) - 1), body
+    return st.permutations(range(len(cases))), body
 
 
 def build_bad_params(ctx: Context):

@@ -118,6 +118,13 @@ CATALOGUE = [
     Bug("forked-children-skip-their-first-sample", "fast.engine",
         "rows += [(child, hidden_row) for child in self._fork(r)]", "self._fork(r)",
         "e2e/workloads_vs_oracle", ""),
+    # ---------------------------------------------------------------- request checks (SPEC §4)
+    Bug("n-checked-against-twice-max-n", "ref.inputs",
+        "if params.n > limits.max_n:", "if params.n > 2 * limits.max_n:",
+        "robustness/bad_requests_rejected", "bad n"),
+    Bug("surrogates-reach-the-tokenizer", "ref.inputs",
+        'prompt.encode("utf-8")', 'prompt.encode("utf-8", "surrogatepass")',
+        "robustness/bad_requests_rejected", "bad prompt"),
     Bug("abort-leaves-queued-samples", "fast.engine",
         "            self.scheduler.remove_all(queued)\n", "            self.scheduler.remove_all(queued[:1])\n",
         "robustness/abort_frees_everything", ""),
