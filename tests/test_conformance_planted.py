@@ -399,7 +399,10 @@ def test_seeded_request_depending_on_other_seeds_is_caught(tiny_model_dir, monke
 
     monkeypatch.setattr(fast.engine, "make_sequences", batch_keyed)
     monkeypatch.setattr(LLM, "generate", generate)
-    result = run("determinism", "batch_invariance", tiny_model_dir)
+    # It shows only for a seeded target that truly samples (not top_k=1) beside seeded requests:
+    # more examples than the other plants (Hypothesis' draws also differ with the tests run before).
+    result = run("determinism", "batch_invariance", tiny_model_dir, profile=Profile(
+        "planted-30", examples=30, max_requests=10, stateful_steps=40, families=False, kernel_max_seq_len=64))
     assert result.status == "failed"
     assert "differs" in result.message
 
