@@ -651,6 +651,7 @@ def _child_main(fd: int, sys_path: list[str]) -> None:
     from multiprocessing.connection import Connection
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the user's Ctrl-C is the suite's to handle
+    _die_with_parent()
     sys.path[:] = sys_path  # import what the suite can import (e.g. `--engine tests.bad_adapters:x`)
     ep = Endpoint(Connection(fd), is_parent=False)
     ep.objects[0] = _ChildRoot()
@@ -658,6 +659,22 @@ def _child_main(fd: int, sys_path: list[str]) -> None:
         kind, body, received = ep._recv("")
         if kind == "req":
             ep._serve(body, received)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when the suite's process ends, however it ends. The engine
+    process has its own session, so nothing else would stop an engine spinning in a loop (and
+    holding the suite's stderr open) after the suite was killed, e.g. by an outer timeout."""
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the parent's EOF on the pipe still ends the loop
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
 
 
 def _changed(received: list) -> list:

@@ -142,3 +142,71 @@ def test_ctrl_c_reports_the_finished_checks_and_exits_130(tmp_path):
     assert "INTERRUPTED" in rest and "tier" in rest  # the table of what finished
     doc = json.loads(report.read_text())
     assert doc["interrupted"] and not doc["passed"] and len(doc["checks"]) >= 1
+
+
+def _engine_processes_of(pid: int) -> list[int]:
+    """The engine processes whose parent is `pid` (read from /proc: Linux only)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid == pid and b"_child_main" in cmdline:
+                found.append(int(entry))
+    return found
+
+
+def _cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def _wait_until_idle(pid: int, deadline: float) -> None:
+    """Until the process has used CPU and then stopped using it for 3 s."""
+    last, still_since = _cpu_ticks(pid), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = _cpu_ticks(pid)
+        if now != last:
+            last, still_since = now, time.monotonic()
+        elif now > 0 and time.monotonic() - still_since > 3:
+            return
+    raise AssertionError("the engine process never settled into its hang")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_engine_process_dies_with_the_suite():
+    """An outer timeout (CI, a mutation tool) that kills the suite must not leave a hung engine
+    behind: in its own session, it would spin forever and hold the suite's stderr open."""
+    suite = subprocess.Popen([sys.executable, "-m", "conformance", "--engine", "tests.bad_adapters:hangs",
+                              *CHEAP_CHECK, "--timeout", "600"], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        engines: list[int] = []
+        while not engines and time.monotonic() < deadline and suite.poll() is None:
+            time.sleep(0.5)
+            engines = _engine_processes_of(suite.pid)
+        assert engines, "the suite started no engine process"
+        _wait_until_idle(engines[0], deadline)  # loaded, and now asleep inside the hanging generate
+    finally:
+        suite.kill()
+        suite.wait()
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in engines) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [p for p in engines if _alive(p)]
+    for p in left:
+        os.kill(p, signal.SIGKILL)
+    assert not left, f"engine process {left} outlived the suite"
