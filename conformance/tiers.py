@@ -212,16 +212,17 @@ def _compare(ctx: Context, workload: Workload, got: dict) -> None:
     a bug in the code fast shares with ref), then the engine equals the oracle."""
     from conformance.contract import check_output_contract
 
+    oracle = ctx.oracle
     keep = sorted(got)
-    expected = ctx.oracle.generate([workload.prompts[i] for i in keep], [workload.params[i] for i in keep])
+    expected = oracle.generate([workload.prompts[i] for i in keep], [workload.params[i] for i in keep])
     for side, outs in (("oracle", expected), ("engine", [got[i] for i in keep])):
         for i, out in zip(keep, outs):
             check_output_contract(workload.prompts[i]["prompt_token_ids"], workload.params[i], out, ctx.rules,
                                   f"{side} request {i}")
-    e = ctx.oracle.llm.llm_engine
+    e = oracle.llm.llm_engine
     check_request_outputs(e.model, e.model_config.eos_token_ids,
                           [(workload.prompts[i]["prompt_token_ids"], workload.params[i]) for i in keep],
-                          expected, [got[i] for i in keep])
+                          expected, [got[i] for i in keep], dtype=e.model.dtype)
 
 
 def build_e2e(ctx: Context):
@@ -256,7 +257,7 @@ def build_e2e(ctx: Context):
 
     wl = workloads(max_requests=p.max_requests, max_prompt_len=80, max_tokens=16, max_model_len=MAX_MODEL_LEN)
     if use_engine:
-        return st.tuples(wl, fast_engine_options(MAX_MODEL_LEN)), body
+        return st.tuples(wl, fast_engine_options(MAX_MODEL_LEN, variants=True)), body
     return st.tuples(wl.map(lambda w: Workload(w.prompts, w.params, w.priorities, {})), st.just({})), body
 
 
