@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test bench bench-compare venv clean
+.PHONY: run test conformance-deep bench bench-compare venv clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,10 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP)
 	$(PY) -m conformance
+
+# The long run of the suite (200 examples a check; hours on 2 cores): for a nightly job.
+conformance-deep: $(STAMP)
+	$(PY) -m conformance --profile deep --report conformance-deep.json
 
 test: $(STAMP)
 	HYPOTHESIS_PROFILE=$(HYPOTHESIS_PROFILE) $(PY) -m pytest -q -n 2 tests benchmarks --benchmark-disable
