@@ -135,16 +135,13 @@ def run_hf_generate_batch(model_dir: str, workload: Workload) -> RunResult:
     """transformers' continuous batching; one generation config, so max_new_tokens = the max."""
     from transformers import GenerationConfig
 
-    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+    from conformance.adapters import hf_paged_cache_config
 
     model = _hf_model(model_dir)
     new = max(workload.max_tokens)
     # Left alone, transformers sizes its paged cache from the machine's free memory (~15 GB RSS
     # on a 24 GB machine); give it what the workload needs, as fast's memory workload does.
-    page = 16
-    pages = sum(-(-(len(p) + new) // page) for p in workload.prompts)
-    cb_config = ContinuousBatchingConfig(page_size=page, num_blocks=pages,
-                                         max_batch_tokens=min(2048, sum(len(p) for p in workload.prompts)))
+    cb_config = hf_paged_cache_config(workload.prompts, new)
     t0 = time.perf_counter()
     model.generate_batch(workload.prompts, generation_config=GenerationConfig(
         max_new_tokens=new, do_sample=False, eos_token_id=-1, pad_token_id=0),

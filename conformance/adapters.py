@@ -122,8 +122,14 @@ class HFAdapter:
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         self.codec = TextCodec(load_tokenizer(model_dir))
         self.seed = seed
+        # Unseeded requests draw their seed from here, one per request (as SPEC's engines do),
+        # so that two identical unseeded requests do not sample identically.
+        self._seeds = torch.Generator().manual_seed(seed)
         eos = self.model.config.eos_token_id
         self.eos_ids = [] if eos is None else (list(eos) if isinstance(eos, list) else [eos])
+
+    def _seed_of(self, p: SamplingParams) -> int:
+        return p.seed if p.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self._seeds))
 
     def model_logits(self, token_ids: list[int]) -> torch.Tensor:
         with torch.no_grad():
@@ -177,7 +183,7 @@ class HFAdapter:
     @torch.no_grad()
     def _generate_one(self, rid: str, text, ids: list[int], p: SamplingParams) -> RequestOutput:
         kw = self._gen_kwargs(p)
-        torch.manual_seed(p.seed if p.seed is not None else self.seed)
+        torch.manual_seed(self._seed_of(p))
         input_ids = torch.tensor([ids])
         res = self.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), output_logits=True,
                                   return_dict_in_generate=True, **kw)
@@ -252,10 +258,11 @@ class HFContinuousAdapter(HFAdapter):
             kw = self._gen_kwargs(p)
             kw.pop("num_return_sequences")
             kw["eos_token_id"] = kw["eos_token_id"] or -1
-            torch.manual_seed(p.seed if p.seed is not None else self.seed)
+            torch.manual_seed(self._seed_of(p))
             prompts_ids = [self._prompt_ids(batch[i][0]) for i in members]
-            res = self.model.generate_batch([ids for _, ids in prompts_ids], generation_config=GenerationConfig(**kw),
-                                            warmup=False)
+            ids_list = [ids for _, ids in prompts_ids]
+            res = self.model.generate_batch(ids_list, generation_config=GenerationConfig(**kw), warmup=False,
+                                            continuous_batching_config=hf_paged_cache_config(ids_list, kw["max_new_tokens"]))
             for k, i in enumerate(members):
                 gen = list(res[f"req_{k}"].generated_tokens)
                 text, ids = prompts_ids[k]
@@ -286,3 +293,14 @@ def load_adapter(spec: str, model_dir: str, **options: Any):
     if not hasattr(adapter, "name"):
         adapter.name = spec
     return adapter
+
+
+def hf_paged_cache_config(prompts: list[list[int]], max_new_tokens: int):
+    """A paged cache sized for these requests: left alone, transformers sizes it from the
+    machine's free memory (~15 GB on a 24 GB machine)."""
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    page = 16
+    pages = sum(-(-(len(p) + max_new_tokens) // page) for p in prompts)
+    return ContinuousBatchingConfig(page_size=page, num_blocks=max(pages, 1),
+                                    max_batch_tokens=max(16, min(2048, sum(len(p) for p in prompts))))
