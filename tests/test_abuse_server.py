@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from fast import LLMEngine
 from fast.config import EngineConfig
 from fast.serve import ServerConfig, build_app, serve_in_thread
+from tests.test_server import wait_engine_idle
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -72,7 +73,7 @@ def healthy_after(server, http, engine):
         lg.addHandler(handler)
     try:
         yield
-        wait_engine_idle(engine, free)
+        wait_engine_idle(engine, free, TIMEOUT_S)
         assert http.get("/health").status_code == 200
     finally:
         for lg in loggers:
@@ -80,16 +81,6 @@ def healthy_after(server, http, engine):
     logged = [f"{r.name}: {r.getMessage()} {r.exc_info[1]!r}" if r.exc_info else f"{r.name}: {r.getMessage()}"
               for r in handler.records]
     assert not logged, f"the server logged: {logged}"
-
-
-def wait_engine_idle(engine: LLMEngine, free_blocks: int) -> None:
-    deadline = time.monotonic() + TIMEOUT_S
-    while engine.has_unfinished_requests() or engine.kv.num_free_blocks != free_blocks:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"engine not idle after {TIMEOUT_S}s: unfinished="
-                                 f"{engine.get_num_unfinished_requests()}, free blocks "
-                                 f"{engine.kv.num_free_blocks}, expected {free_blocks}")
-        time.sleep(0.02)
 
 
 def wait_for(cond, what: str) -> None:

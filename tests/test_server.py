@@ -94,12 +94,12 @@ def metrics(http: httpx.Client) -> dict[str, float]:
     return out
 
 
-def wait_engine_idle(engine: LLMEngine, free_blocks: int) -> None:
-    """Within WAIT_S the engine has no requests and `free_blocks` free blocks (as before a test)."""
-    deadline = time.monotonic() + WAIT_S
+def wait_engine_idle(engine: LLMEngine, free_blocks: int, within_s: float = WAIT_S) -> None:
+    """Within `within_s` the engine has no requests and `free_blocks` free blocks (as before a test)."""
+    deadline = time.monotonic() + within_s
     while engine.has_unfinished_requests() or engine.kv.num_free_blocks != free_blocks:
         if time.monotonic() > deadline:
-            raise AssertionError(f"engine not idle after {WAIT_S}s: unfinished="
+            raise AssertionError(f"engine not idle after {within_s}s: unfinished="
                                  f"{engine.get_num_unfinished_requests()}, free blocks "
                                  f"{engine.kv.num_free_blocks}, expected {free_blocks}")
         time.sleep(0.02)
