@@ -54,7 +54,7 @@ from fast.async_engine import AsyncLLMEngine, EngineDeadError, NewRequest, Outpu
 from fast.chat_template import chat_prompt
 from fast.config import EngineConfig
 from fast.openai_protocol import (
-    CHAT_RENAMES, COMPLETION_RENAMES, ChatCompletionRequest, ChoiceDelta, CompletionRequest, OpenAIError,
+    COMPLETION_RENAMES, ChatCompletionRequest, ChoiceDelta, CompletionRequest, OpenAIError,
     ResponseMeta, StreamedChoice, chat_chunk_choice, chat_params, chat_response, chat_role_choice, chunk,
     chat_renames, completion_chunk_choice, completion_params, completion_prompts, completion_response,
     parse_request, sse, usage, value_error,
