@@ -225,6 +225,22 @@ def _compare(ctx: Context, workload: Workload, got: dict) -> None:
                           expected, [got[i] for i in keep], dtype=e.model.dtype)
 
 
+def _targeted_e2e_cases() -> list[tuple[Workload, dict]]:
+    """Engine scenarios every run exercises: n > 1 samples forking off a prompt whose last block
+    is partly filled (the child needs its own copy of it), in a pool where every fork fits..."""
+    prompt = {"prompt_token_ids": list(range(3, 24))}  # 21 tokens: 2 full blocks of 8 + 5
+    fork = SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=8, ignore_eos=True)
+    options = dict(max_model_len=MAX_MODEL_LEN, block_size=8, num_kv_blocks=64, max_num_seqs=8,
+                   max_num_batched_tokens=64)
+    # ... and a prompt computed in chunks of 8 tokens, with sampled and prompt logprobs and a
+    # penalty (so that processed and raw logits differ)
+    scored = SamplingParams(temperature=0, max_tokens=6, logprobs=3, prompt_logprobs=2, repetition_penalty=1.3)
+    chunked = {**options, "max_num_batched_tokens": 8}
+    return [(Workload([prompt], [fork], [0]), options),
+            (Workload([prompt, prompt], [fork, SamplingParams(temperature=0, max_tokens=8)], [0, 0]), options),
+            (Workload([prompt], [scored], [0]), chunked)]
+
+
 def build_e2e(ctx: Context):
     p = ctx.profile
     make_engine = getattr(ctx.adapter, "make_engine", None)
@@ -254,6 +270,9 @@ def build_e2e(ctx: Context):
         coverage.record(features)
 
     body.coverage = coverage
+    if use_engine:  # targeted cases first: paths a random draw reaches on some seeds only
+        for case in _targeted_e2e_cases():
+            body(ctx, case)
 
     wl = workloads(max_requests=p.max_requests, max_prompt_len=80, max_tokens=16, max_model_len=MAX_MODEL_LEN)
     if use_engine:
