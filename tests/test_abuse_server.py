@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from fast import LLMEngine
 from fast.config import EngineConfig
 from fast.serve import ServerConfig, build_app, serve_in_thread
-from tests.test_server import wait_engine_idle
+from tests.test_server import _Records, wait_engine_idle
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -51,15 +51,6 @@ def server(engine):
 def http(server):
     with httpx.Client(base_url=server, timeout=TIMEOUT_S) as c:
         yield c
-
-
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
 
 
 @pytest.fixture(autouse=True)
