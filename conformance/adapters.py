@@ -122,11 +122,17 @@ class HFAdapter:
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         self.codec = TextCodec(load_tokenizer(model_dir))
         self.seed = seed
+        self.max_model_len = max_model_len or self.model.config.max_position_embeddings
         # Unseeded requests draw their seed from here, one per request (as SPEC's engines do),
         # so that two identical unseeded requests do not sample identically.
         self._seeds = torch.Generator().manual_seed(seed)
         eos = self.model.config.eos_token_id
         self.eos_ids = [] if eos is None else (list(eos) if isinstance(eos, list) else [eos])
+
+    def _cap(self, max_new_tokens: int, ids: list[int]) -> int:
+        """SPEC §5.3: generation stops once prompt + output reaches max_model_len (a prompt of
+        exactly max_model_len still yields one token); transformers knows no such limit."""
+        return max(1, min(max_new_tokens, self.max_model_len - len(ids)))
 
     def _seed_of(self, p: SamplingParams) -> int:
         return p.seed if p.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self._seeds))
@@ -183,6 +189,7 @@ class HFAdapter:
     @torch.no_grad()
     def _generate_one(self, rid: str, text, ids: list[int], p: SamplingParams) -> RequestOutput:
         kw = self._gen_kwargs(p)
+        kw["max_new_tokens"] = self._cap(kw["max_new_tokens"], ids)
         torch.manual_seed(self._seed_of(p))
         input_ids = torch.tensor([ids])
         res = self.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), output_logits=True,
@@ -249,17 +256,20 @@ class HFContinuousAdapter(HFAdapter):
         from ref.inputs import normalize_batch
 
         batch = normalize_batch(prompts, params)
-        groups: dict[str, list[int]] = {}
+        prompt_ids = [self._prompt_ids(prompt) for prompt, _ in batch]
+        groups: dict[tuple[str, int], list[int]] = {}  # equal settings, including the length cap
         for i, (_, p) in enumerate(batch):
-            groups.setdefault(repr(p), []).append(i)
+            cap = self._cap(self._gen_kwargs(p)["max_new_tokens"], prompt_ids[i][1])
+            groups.setdefault((repr(p), cap), []).append(i)
         outs: list[RequestOutput | None] = [None] * len(batch)
-        for members in groups.values():
+        for (_, cap), members in groups.items():
             p = batch[members[0]][1]
             kw = self._gen_kwargs(p)
+            kw["max_new_tokens"] = cap
             kw.pop("num_return_sequences")
             kw["eos_token_id"] = kw["eos_token_id"] or -1
             torch.manual_seed(self._seed_of(p))
-            prompts_ids = [self._prompt_ids(batch[i][0]) for i in members]
+            prompts_ids = [prompt_ids[i] for i in members]
             ids_list = [ids for _, ids in prompts_ids]
             res = self.model.generate_batch(ids_list, generation_config=GenerationConfig(**kw), warmup=False,
                                             continuous_batching_config=hf_paged_cache_config(ids_list, kw["max_new_tokens"]))

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from hypothesis import HealthCheck, Phase, given, seed as hyp_seed, settings
+from hypothesis.errors import UnsatisfiedAssumption
 from hypothesis.stateful import run_state_machine_as_test
 
 from conformance.isolation import EngineFailure, EngineHost
@@ -32,11 +33,17 @@ class CheckResult:
     coverage: dict = field(default_factory=dict)  # feature/path -> examples that reached it
 
 
+# Health checks left on: a generator that discards too much (filter_too_much) or cannot make
+# examples is a finding about the run. Off: slowness and size, which an engine's speed and the
+# workloads' size make normal here.
+QUIET_HEALTH_CHECKS = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example]
+
+
 def _settings(ctx: Context, seed: int | None, shrink: bool, scale: int = 1) -> settings:
     phases = [Phase.explicit, Phase.reuse, Phase.generate] + ([Phase.shrink] if shrink else [])
     return settings(max_examples=ctx.profile.examples * scale, deadline=None, database=None, phases=phases,
                     derandomize=seed is None, stateful_step_count=ctx.profile.stateful_steps,
-                    suppress_health_check=list(HealthCheck), print_blob=False)
+                    suppress_health_check=QUIET_HEALTH_CHECKS, print_blob=False)
 
 
 def _failure_text(err: BaseException) -> str:
@@ -76,13 +83,16 @@ def run_check(check: Check, ctx: Context, seed: int | None, shrink: bool, replay
             @cfg
             @given(built)
             def prop(value: Any) -> None:
-                count[0] += 1
                 try:
                     body(ctx, value)
+                except UnsatisfiedAssumption:  # discarded (e.g. nothing the engine supports): not run
+                    raise
                 except Exception as err:
+                    count[0] += 1
                     if not first_failure:
                         first_failure.append(_failure_text(err))
                     raise
+                count[0] += 1
 
             if seed is not None:
                 prop = hyp_seed(seed)(prop)
