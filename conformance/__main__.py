@@ -46,6 +46,31 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle threads must not spin (isolation.PASSIVE_THREADS)
 
 
+class _CtrlC:
+    """SIGINT raises KeyboardInterrupt and is also remembered: Python drops an exception raised
+    where it cannot propagate (e.g. in a garbage-collector callback, which Hypothesis installs),
+    so the run also checks the flag between checks."""
+
+    def __init__(self) -> None:
+        import signal
+
+        self.pressed = False
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.pressed = True
+        raise KeyboardInterrupt
+
+    def raise_if_pressed(self) -> None:
+        if self.pressed:
+            raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        import signal
+
+        signal.signal(signal.SIGINT, self._previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _quiet_libraries()
@@ -82,11 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     interrupted = False
     t0 = time.perf_counter()
+    ctrl_c = _CtrlC()
     try:
         for check in checks:
+            ctrl_c.raise_if_pressed()
             replay = (f"python -m conformance --engine {args.engine} --model {args.model} --profile {args.profile} "
                       f"--tier {check.tier} --check {check.name}" + (f" --seed {args.seed}" if args.seed is not None else ""))
             r = run_check(check, ctx, args.seed, not args.no_shrink, replay, engine, timeout)
+            ctrl_c.raise_if_pressed()  # a Ctrl-C swallowed inside the check: its result is void
             results.append(r)
             status = f"failed ({r.message.split(',')[0]})" if r.message.startswith("timeout after") else r.status
             print(f"  [{status:>6}] {r.tier}/{r.check}: {r.examples} examples, {r.seconds:.1f}s", flush=True)
@@ -97,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         interrupted = True
         print("\ninterrupted: reporting the checks that finished", flush=True)
     finally:
+        ctrl_c.restore()
         if engine is not None:
             engine.close()
     print()
