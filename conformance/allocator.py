@@ -35,6 +35,7 @@ from hypothesis import currently_in_test_context, note
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from conformance.coverage import RequiredCoverage
 from fast.kv_cache_manager import KVCacheConfig, KVCacheManager
 
 # Token ids are bits: two letters make equal blocks (and so cache hits) common. A token list is
@@ -80,35 +81,14 @@ CACHING_EVENTS = (HIT, EVICTED)  # required with prefix caching
 WEAK_HASH_EVENTS = (HIT_SHARED, HIT_FREE, COLLISION_TOKENS, COLLISION_PREFIX, COLLISION_SALT, COLLISION_UNCACHED)
 
 
-@dataclass
-class AllocatorCoverage:
+class AllocatorCoverage(RequiredCoverage):
     """How often each machine's runs produced each event, against the events it must produce."""
 
-    required: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    reached: dict[str, Counter] = field(default_factory=dict)
-
-    def record(self, machine: str, events: Counter) -> None:
-        self.reached.setdefault(machine, Counter()).update(events)
-
-    def unreached(self) -> dict[str, list[str]]:
-        missing = {m: [e for e in events if not self.reached.get(m, Counter())[e]]
-                   for m, events in self.required.items()}
-        return {m: events for m, events in missing.items() if events}
-
-    def check_minimum(self) -> None:
-        """Raise naming every required event that no run of its machine produced."""
-        missing = self.unreached()
-        if missing:
-            listing = "; ".join(f"{m}: {', '.join(events)}" for m, events in sorted(missing.items()))
-            raise AssertionError(f"allocator events never produced (coverage minimum): {listing}")
+    NEVER = "allocator events never produced"
 
     def summary(self) -> str:
         return "\n".join(f"{m}: " + ", ".join(f"{e} x{n}" for e, n in sorted(c.items()) if n)
                          for m, c in sorted(self.reached.items()))
-
-    def as_dict(self) -> dict[str, int]:
-        """"machine: event" -> times, for a report."""
-        return {f"{m}: {e}": n for m, c in sorted(self.reached.items()) for e, n in sorted(c.items()) if n}
 
 
 def required_events(config: KVCacheConfig) -> tuple[str, ...]:

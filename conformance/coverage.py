@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, ClassVar, Iterable
 
 # End-to-end examples that must hit each feature, in the quick profile (full: x2, deep: x5).
 # Required: what the workload generator puts within reach of every engine on any seed. Reported
@@ -116,3 +116,33 @@ def metric_features(metrics: Any) -> set[str]:
     if getattr(metrics, "prefix_cache_hit_rate", 0.0):
         feats.add("prefix_hit")
     return feats
+
+
+@dataclass
+class RequiredCoverage:
+    """Per key (a backend, a state machine), how often each item (a kernel path, an allocator
+    event) was reached, against the items each key must reach. Subclasses name what is counted."""
+
+    NEVER: ClassVar[str] = "items never reached"  # the failure message's subject
+
+    required: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    reached: dict[str, Counter] = field(default_factory=dict)
+
+    def record(self, key: str, items: Iterable[str] | Counter) -> None:
+        self.reached.setdefault(key, Counter()).update(items)
+
+    def unreached(self) -> dict[str, list[str]]:
+        missing = {k: [i for i in items if not self.reached.get(k, Counter())[i]]
+                   for k, items in self.required.items()}
+        return {k: items for k, items in missing.items() if items}
+
+    def check_minimum(self) -> None:
+        """Raise naming every required item that its key never reached."""
+        missing = self.unreached()
+        if missing:
+            listing = "; ".join(f"{k}: {', '.join(items)}" for k, items in sorted(missing.items()))
+            raise AssertionError(f"{self.NEVER} (coverage minimum): {listing}")
+
+    def as_dict(self) -> dict[str, int]:
+        """"key: item" -> times reached, for a report."""
+        return {f"{k}: {i}": n for k, c in sorted(self.reached.items()) for i, n in sorted(c.items()) if n}

@@ -19,8 +19,7 @@ fails naming every required path that no case reached.
 from __future__ import annotations
 
 import random
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,6 +27,7 @@ from hypothesis import currently_in_test_context, note
 from hypothesis import strategies as st
 
 from conformance.compare import ATTENTION_TOL, assert_close
+from conformance.coverage import RequiredCoverage
 from fast.attention import AttentionBackend, AttentionMetadata
 from ref.paged_reference import batch_attention, write_sequence
 
@@ -399,31 +399,10 @@ TARGETED_CASES: tuple[KernelCase, ...] = (
 # ----------------------------------------------------------------------------- the tier
 
 
-@dataclass
-class KernelCoverage:
+class KernelCoverage(RequiredCoverage):
     """How often each backend's cases reached each path, against the paths it must reach."""
 
-    required: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    reached: dict[str, Counter] = field(default_factory=dict)
-
-    def record(self, backend: str, paths: set[str]) -> None:
-        self.reached.setdefault(backend, Counter()).update(paths)
-
-    def unreached(self) -> dict[str, list[str]]:
-        missing = {b: [p for p in paths if not self.reached.get(b, Counter())[p]]
-                   for b, paths in self.required.items()}
-        return {b: paths for b, paths in missing.items() if paths}
-
-    def check_minimum(self) -> None:
-        """Raise naming every required (backend, path) that no case reached."""
-        missing = self.unreached()
-        if missing:
-            listing = "; ".join(f"{b}: {', '.join(paths)}" for b, paths in sorted(missing.items()))
-            raise AssertionError(f"kernel paths never reached (coverage minimum): {listing}")
-
-    def as_dict(self) -> dict[str, int]:
-        """"backend: path" -> cases that reached it, for a report."""
-        return {f"{b}: {p}": n for b, c in sorted(self.reached.items()) for p, n in sorted(c.items())}
+    NEVER = "kernel paths never reached"
 
     def summary(self) -> str:
         lines = []
