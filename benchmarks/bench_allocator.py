@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 
-from fast.kv_cache_manager import KVCacheConfig, KVCacheManager
+from fast.core.kv_cache_manager import KVCacheConfig, KVCacheManager
 
 NUM_BLOCKS = 4096
 BLOCK_SIZE = 16

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 
 from conformance.scheduler_machine import make_request
-from fast.kv_cache_manager import KVCacheConfig, KVCacheManager
-from fast.scheduler import Scheduler, SchedulerConfig
+from fast.core.kv_cache_manager import KVCacheConfig, KVCacheManager
+from fast.core.scheduler import Scheduler, SchedulerConfig
 
 
 def _scheduler(num_requests: int, prompt_len: int) -> Scheduler:

@@ -170,7 +170,7 @@ def _timed(fn) -> float:
 def gemm_floor_s(model_dir: str, step_tokens: list[tuple[int, int]], reps: int = 3) -> float:
     """Time of the model's linear layers alone (fast's fused weights) over the same per-step
     token counts and logits rows as a recorded run: the physical floor of that run on this CPU."""
-    from fast.model import PagedDecoder
+    from fast.worker.model import PagedDecoder
 
     model = PagedDecoder.from_pretrained(model_dir)
     hidden = model.config.hidden_size

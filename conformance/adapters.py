@@ -81,13 +81,13 @@ class FastAdapter:
 
     @property
     def allocator_factory(self):
-        from fast.kv_cache_manager import KVCacheManager
+        from fast.core.kv_cache_manager import KVCacheManager
 
         return KVCacheManager
 
     @property
     def scheduler_factory(self):
-        from fast.scheduler import Scheduler
+        from fast.core.scheduler import Scheduler
 
         return Scheduler
 

@@ -36,7 +36,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from conformance.coverage import RequiredCoverage
-from fast.kv_cache_manager import KVCacheConfig, KVCacheManager
+from fast.core.kv_cache_manager import KVCacheConfig, KVCacheManager
 
 # Token ids are bits: two letters make equal blocks (and so cache hits) common. A token list is
 # drawn as one integer, not token by token, which keeps draws (and shrinking) cheap.

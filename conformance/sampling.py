@@ -144,7 +144,7 @@ def _gap(scores: torch.Tensor, want: int, token: int, params: SamplingParams) ->
 
 def fast_sample(logits: torch.Tensor, rows: list[SamplerRow], eos_token_ids: tuple[int, ...]) -> list[int]:
     """The `sample` hook for `fast`: its batched sampler, one generator per seeded row."""
-    from fast.sampler import Sampler, SamplingRow
+    from fast.worker.sampler import Sampler, SamplingRow
 
     gens = [None if r.seed is None else torch.Generator().manual_seed(r.seed) for r in rows]
     return Sampler(eos_token_ids)(logits, [SamplingRow(r.params, r.prompt_ids, r.output_ids, g)

@@ -32,9 +32,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from conformance.allocator import AllocatorModel
-from fast.kv_cache_manager import KVCacheConfig, KVCacheManager
-from fast.request import Request, RequestGroup, Status
-from fast.scheduler import Scheduler, SchedulerConfig
+from fast.core.kv_cache_manager import KVCacheConfig, KVCacheManager
+from fast.core.request import Request, RequestGroup, Status
+from fast.core.scheduler import Scheduler, SchedulerConfig
 from ref.sampling_params import SamplingParams
 from ref.sequence import Sequence, StopContext
 from ref.tokenizer import TextCodec

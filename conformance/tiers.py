@@ -170,7 +170,7 @@ def build_allocator(ctx: Context):
     most blocks collide; fails too if no run produced hits, rejected collisions or evictions."""
     factory = ctx.hook("allocator_factory")
     from conformance.allocator import AllocatorCoverage, machines_then_coverage, make_allocator_machine, weak_block_hash
-    from fast.kv_cache_manager import KVCacheConfig
+    from fast.core.kv_cache_manager import KVCacheConfig
 
     configs = {f"Allocator_{i}": KVCacheConfig(num_blocks=n, block_size=b, enable_prefix_caching=c)
                for i, (n, b, c) in enumerate(((6, 2, True), (10, 4, True), (5, 1, False)))}

@@ -1,7 +1,7 @@
 """fast: the paged, continuously batched engine. Same API as `ref`, proved equal by `conformance`.
 
 The names below load on first use (`ref.lazy`), so that importing a light submodule
-(`fast.config`, or `fast.serve` for `--help`) does not import torch through `fast.engine`.
+(`fast.config`, or `fast.entrypoints.openai_server` for `--help`) does not import torch through `fast.engine.llm_engine`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from ref.lazy import lazy_exports
 
 _EXPORTS = {  # name -> the module that defines it
-    "LLM": "fast.llm", "LLMEngine": "fast.engine", "EngineConfig": "fast.config", "EngineMetrics": "fast.engine",
+    "LLM": "fast.engine.llm", "LLMEngine": "fast.engine.llm_engine", "EngineConfig": "fast.config", "EngineMetrics": "fast.engine.llm_engine",
     "SamplingParams": "ref.sampling_params", "RequestOutput": "ref.outputs", "CompletionOutput": "ref.outputs",
     "Logprob": "ref.outputs",
 }
@@ -20,7 +20,7 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:
     from fast.config import EngineConfig
-    from fast.engine import EngineMetrics, LLMEngine
-    from fast.llm import LLM
+    from fast.engine.llm_engine import EngineMetrics, LLMEngine
+    from fast.engine.llm import LLM
     from ref.outputs import CompletionOutput, Logprob, RequestOutput
     from ref.sampling_params import SamplingParams

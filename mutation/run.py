@@ -33,10 +33,10 @@ class Target:
 
 
 TARGETS = {
-    "block_pool": Target("fast/block_pool.py", ("allocator", "e2e")),
-    "kv_cache_manager": Target("fast/kv_cache_manager.py", ("allocator", "e2e")),
-    "scheduler": Target("fast/scheduler.py", ("scheduler", "e2e")),
-    "sampler": Target("fast/sampler.py", ("e2e", "determinism")),
+    "block_pool": Target("fast/core/block_pool.py", ("allocator", "e2e")),
+    "kv_cache_manager": Target("fast/core/kv_cache_manager.py", ("allocator", "e2e")),
+    "scheduler": Target("fast/core/scheduler.py", ("scheduler", "e2e")),
+    "sampler": Target("fast/worker/sampler.py", ("e2e", "determinism")),
 }
 
 # Mutations of this kind only change messages or debugging aids, never behaviour a test could see.

@@ -1,6 +1,6 @@
 """Plant a bug in this process's copy of a `fast` module, written as a source diff.
 
-    plant(monkeypatch, "fast.sampler", "kth_index = ... - 1", "kth_index = ...")
+    plant(monkeypatch, "fast.worker.sampler", "kth_index = ... - 1", "kth_index = ...")
 
 The module's source is edited (the old text must occur exactly once), compiled into a scratch
 namespace, and every function or method whose code changed replaces the original — on its

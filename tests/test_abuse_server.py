@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fast import LLMEngine
 from fast.config import EngineConfig
-from fast.serve import ServerConfig, build_app, serve_in_thread
+from fast.entrypoints.openai_server import ServerConfig, build_app, serve_in_thread
 from tests.test_server import _Records, wait_engine_idle
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

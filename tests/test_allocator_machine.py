@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis.stateful import run_state_machine_as_test
 
 from conformance.allocator import make_allocator_machine
-from fast.kv_cache_manager import KVCacheConfig, KVCacheManager, RequestId
+from fast.core.kv_cache_manager import KVCacheConfig, KVCacheManager, RequestId
 
 # One allocator bug trips several of the machine's checks; shrinking each as a distinct bug takes
 # minutes, so report only the first.

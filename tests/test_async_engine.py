@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, note, strategies as st
 
 from fast import LLM, LLMEngine, SamplingParams
-from fast.async_engine import AsyncLLMEngine, EngineDeadError, NewRequest, RequestStats, TokenCountBound
+from fast.engine.async_llm_engine import AsyncLLMEngine, EngineDeadError, NewRequest, RequestStats, TokenCountBound
 from fast.config import EngineConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

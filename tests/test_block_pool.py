@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fast.block_pool import BlockId, BlockKey, BlockPool, FreeBlockQueue, KVCacheBlock
+from fast.core.block_pool import BlockId, BlockKey, BlockPool, FreeBlockQueue, KVCacheBlock
 
 
 def key_for(*token_blocks: tuple[int, ...], hash_fn=None) -> BlockKey:

@@ -32,7 +32,7 @@ def test_clean_engine_passes_the_checks_used_below(tiny_model_dir):
 
 
 def test_off_by_one_slot_is_caught(tiny_model_dir, monkeypatch):
-    from fast.kv_cache_manager import KVCacheManager
+    from fast.core.kv_cache_manager import KVCacheManager
 
     original = KVCacheManager.slot_mapping
 
@@ -68,7 +68,7 @@ def test_missing_causal_mask_is_caught(tiny_model_dir, monkeypatch):
 
 
 def test_refcount_not_decremented_is_caught(tiny_model_dir, monkeypatch):
-    from fast.block_pool import BlockPool
+    from fast.core.block_pool import BlockPool
 
     def leaky_free(self, blocks):
         for block in blocks:
@@ -83,7 +83,7 @@ def test_refcount_not_decremented_is_caught(tiny_model_dir, monkeypatch):
 
 
 def test_wrong_rope_position_after_preemption_is_caught(tiny_model_dir, monkeypatch):
-    from fast.model_runner import ModelRunner
+    from fast.worker.model_runner import ModelRunner
 
     original = ModelRunner.prepare
 
@@ -106,13 +106,13 @@ def test_wrong_rope_position_after_preemption_is_caught(tiny_model_dir, monkeypa
 
 
 def test_seed_ignored_in_batch_is_caught(tiny_model_dir, monkeypatch):
-    import fast.engine
-    from fast.sampler import SamplingRow
+    import fast.engine.llm_engine
+    from fast.worker.sampler import SamplingRow
 
     def unseeded_row(params, prompt_ids, output_ids, generator):
         return SamplingRow(params, prompt_ids, output_ids, None if generator is None else torch.default_generator)
 
-    monkeypatch.setattr(fast.engine, "SamplingRow", unseeded_row)
+    monkeypatch.setattr(fast.engine.llm_engine, "SamplingRow", unseeded_row)
     result = run("determinism", "batch_invariance", tiny_model_dir)
     assert result.status == "failed"
     assert "differs" in result.message
@@ -138,7 +138,7 @@ def test_scheduler_clean_passes(tiny_model_dir):
 
 
 def test_wrong_victim_fcfs_earliest_is_caught(tiny_model_dir, monkeypatch):
-    from fast.scheduler import Scheduler
+    from fast.core.scheduler import Scheduler
 
     original = Scheduler._pick_victim
 
@@ -152,7 +152,7 @@ def test_wrong_victim_fcfs_earliest_is_caught(tiny_model_dir, monkeypatch):
 def test_victim_by_arrival_not_admission_is_caught(tiny_model_dir, monkeypatch):
     """The bug this machine found in fast: the largest arrival is not the latest admitted once
     forked samples (n > 1) join the running set after later requests."""
-    from fast.scheduler import Scheduler
+    from fast.core.scheduler import Scheduler
 
     original = Scheduler._pick_victim
 
@@ -164,7 +164,7 @@ def test_victim_by_arrival_not_admission_is_caught(tiny_model_dir, monkeypatch):
 
 
 def test_wrong_victim_priority_is_caught(tiny_model_dir, monkeypatch):
-    from fast.scheduler import Scheduler
+    from fast.core.scheduler import Scheduler
 
     original = Scheduler._pick_victim
 
@@ -178,7 +178,7 @@ def test_wrong_victim_priority_is_caught(tiny_model_dir, monkeypatch):
 
 
 def test_preempted_requeued_at_tail_is_caught(tiny_model_dir, monkeypatch):
-    from fast.scheduler import Scheduler
+    from fast.core.scheduler import Scheduler
 
     original = Scheduler._preempt
 
@@ -194,7 +194,7 @@ def test_preempted_requeued_at_tail_is_caught(tiny_model_dir, monkeypatch):
 def test_two_victims_requeued_in_choice_order_is_caught(tiny_model_dir, monkeypatch):
     """Two victims of one step re-queued first-chosen first: under fcfs that puts a later
     admitted request ahead of an earlier one (SPEC §10: each victim is prepended)."""
-    from fast.scheduler import Scheduler
+    from fast.core.scheduler import Scheduler
 
     original = Scheduler._preempt
 
@@ -209,7 +209,7 @@ def test_two_victims_requeued_in_choice_order_is_caught(tiny_model_dir, monkeypa
 
 
 def test_priority_ties_by_queue_position_is_caught(tiny_model_dir, monkeypatch):
-    from fast.scheduler import Scheduler
+    from fast.core.scheduler import Scheduler
 
     original = Scheduler._next_waiting
 
@@ -223,7 +223,7 @@ def test_priority_ties_by_queue_position_is_caught(tiny_model_dir, monkeypatch):
 
 
 def test_admission_after_preemption_is_caught(tiny_model_dir, monkeypatch):
-    from fast.scheduler import Scheduler, SchedulerOutput
+    from fast.core.scheduler import Scheduler, SchedulerOutput
 
     def schedule(self):
         out = SchedulerOutput()
@@ -236,7 +236,7 @@ def test_admission_after_preemption_is_caught(tiny_model_dir, monkeypatch):
 
 
 def test_overtaking_is_caught(tiny_model_dir, monkeypatch):
-    from fast.scheduler import Scheduler
+    from fast.core.scheduler import Scheduler
 
     original = Scheduler._next_waiting
 
@@ -250,8 +250,8 @@ def test_overtaking_is_caught(tiny_model_dir, monkeypatch):
 
 
 def test_forks_ignore_max_num_seqs_is_caught(tiny_model_dir, monkeypatch):
-    from fast.request import Status
-    from fast.scheduler import Scheduler
+    from fast.core.request import Status
+    from fast.core.scheduler import Scheduler
 
     def add_running(self, request):  # n > 1 samples not counted against max_num_seqs
         request.status = Status.RUNNING
@@ -263,7 +263,7 @@ def test_forks_ignore_max_num_seqs_is_caught(tiny_model_dir, monkeypatch):
 
 
 def test_prefix_hit_for_prompt_logprobs_is_caught(tiny_model_dir, monkeypatch):
-    from fast.scheduler import Scheduler
+    from fast.core.scheduler import Scheduler
 
     monkeypatch.setattr(Scheduler, "_lookup", lambda self, r: self.kv.get_computed_blocks(r.token_ids))
     _scheduler_fails(tiny_model_dir)
@@ -274,8 +274,8 @@ def test_prefix_hit_for_prompt_logprobs_is_caught(tiny_model_dir, monkeypatch):
 def test_topk_values_on_wrong_tokens_is_caught(tiny_model_dir, monkeypatch):
     """The right top-k values, but attached to the top-k tokens in reverse order: the sampled
     token's logprob and the sorted values are all correct, only the token ids are not."""
-    import fast.engine
-    import fast.sampler
+    import fast.engine.llm_engine
+    import fast.worker.sampler
     from ref.outputs import Logprob
 
     original = fast.sampler.logprob_entry
@@ -289,16 +289,16 @@ def test_topk_values_on_wrong_tokens_is_caught(tiny_model_dir, monkeypatch):
             out[t] = Logprob(lp.logprob, lp.rank, token_text(t))
         return out
 
-    monkeypatch.setattr(fast.sampler, "logprob_entry", misattributed)
-    monkeypatch.setattr(fast.engine, "logprob_entry", misattributed)
+    monkeypatch.setattr(fast.worker.sampler, "logprob_entry", misattributed)
+    monkeypatch.setattr(fast.engine.llm_engine, "logprob_entry", misattributed)
     result = run("e2e", "workloads_vs_oracle", tiny_model_dir)
     assert result.status == "failed"
     assert "logprobs[" in result.message and "oracle" in result.message
 
 
 def test_logprob_rank_off_by_one_is_caught(tiny_model_dir, monkeypatch):
-    import fast.engine
-    import fast.sampler
+    import fast.engine.llm_engine
+    import fast.worker.sampler
     from ref.outputs import Logprob
 
     original = fast.sampler.logprob_entry
@@ -307,31 +307,31 @@ def test_logprob_rank_off_by_one_is_caught(tiny_model_dir, monkeypatch):
         return {t: Logprob(lp.logprob, lp.rank + 1, lp.decoded_token)
                 for t, lp in original(row, token_id, top_ids, token_text).items()}
 
-    monkeypatch.setattr(fast.sampler, "logprob_entry", counts_itself)
-    monkeypatch.setattr(fast.engine, "logprob_entry", counts_itself)
+    monkeypatch.setattr(fast.worker.sampler, "logprob_entry", counts_itself)
+    monkeypatch.setattr(fast.engine.llm_engine, "logprob_entry", counts_itself)
     result = run("e2e", "workloads_vs_oracle", tiny_model_dir)
     assert result.status == "failed"
     assert "rank" in result.message
 
 
 def test_decoded_token_of_the_wrong_token_is_caught(tiny_model_dir, monkeypatch):
-    import fast.engine
-    import fast.sampler
+    import fast.engine.llm_engine
+    import fast.worker.sampler
 
     original = fast.sampler.logprob_entry
 
     def shifted_text(row, token_id, top_ids, token_text):
         return original(row, token_id, top_ids, lambda t: token_text(t + 1))
 
-    monkeypatch.setattr(fast.sampler, "logprob_entry", shifted_text)
-    monkeypatch.setattr(fast.engine, "logprob_entry", shifted_text)
+    monkeypatch.setattr(fast.worker.sampler, "logprob_entry", shifted_text)
+    monkeypatch.setattr(fast.engine.llm_engine, "logprob_entry", shifted_text)
     result = run("e2e", "workloads_vs_oracle", tiny_model_dir)
     assert result.status == "failed"
     assert "decoded_token" in result.message
 
 
 def test_generate_dropping_an_output_is_caught(tiny_model_dir, monkeypatch):
-    from fast.llm import LLM
+    from fast.engine.llm import LLM
 
     original = LLM.generate
 
@@ -346,7 +346,7 @@ def test_generate_dropping_an_output_is_caught(tiny_model_dir, monkeypatch):
 
 
 def test_engine_never_reporting_a_finished_request_is_caught(tiny_model_dir, monkeypatch):
-    from fast.engine import LLMEngine
+    from fast.engine.llm_engine import LLMEngine
 
     def collect(self, touched):  # forgets the final output: the request vanishes unreported
         outputs = []
@@ -368,9 +368,9 @@ def test_engine_never_reporting_a_finished_request_is_caught(tiny_model_dir, mon
 # ----------------------------------------------------------------------------- seeds and limits
 
 def test_unseeded_requests_sharing_one_base_seed_is_caught(tiny_model_dir, monkeypatch):
-    import fast.engine
+    import fast.engine.llm_engine
 
-    monkeypatch.setattr(fast.engine, "draw_base_seed", lambda generator: 12345)  # never advances
+    monkeypatch.setattr(fast.engine.llm_engine, "draw_base_seed", lambda generator: 12345)  # never advances
     result = run("determinism", "unseeded_requests_differ", tiny_model_dir)
     assert result.status == "failed"
     assert "share one random stream" in result.message or "generator restarted" in result.message
@@ -379,8 +379,8 @@ def test_unseeded_requests_sharing_one_base_seed_is_caught(tiny_model_dir, monke
 def test_seeded_request_depending_on_other_seeds_is_caught(tiny_model_dir, monkeypatch):
     """Seeded samples draw from a generator seeded from all the seeds of their generate call
     (one generator per batch, keyed by the batch's seeds), not from their own seed alone."""
-    import fast.engine
-    from fast.llm import LLM
+    import fast.engine.llm_engine
+    from fast.engine.llm import LLM
     from ref.sampling_params import SamplingParams
     from ref.sequence import make_sequences
 
@@ -397,7 +397,7 @@ def test_seeded_request_depending_on_other_seeds_is_caught(tiny_model_dir, monke
             params = SamplingParams(**{**params.__dict__, "seed": hash(tuple(batch_seeds)) % 2**32})
         return make_sequences(params, base_seed)
 
-    monkeypatch.setattr(fast.engine, "make_sequences", batch_keyed)
+    monkeypatch.setattr(fast.engine.llm_engine, "make_sequences", batch_keyed)
     monkeypatch.setattr(LLM, "generate", generate)
     # It shows only for a seeded target that truly samples (not top_k=1) beside seeded requests:
     # more examples than the other plants (Hypothesis' draws also differ with the tests run before).
@@ -410,7 +410,7 @@ def test_seeded_request_depending_on_other_seeds_is_caught(tiny_model_dir, monke
 def test_prompt_of_exactly_max_model_len_rejected_is_caught(tiny_model_dir, monkeypatch):
     """An off-by-one in the engine's own length check: a prompt of max_model_len tokens (which
     SPEC §5 says yields one token) is refused."""
-    import fast.engine
+    import fast.engine.llm_engine
 
     original = fast.engine.validate_request
 
@@ -419,7 +419,7 @@ def test_prompt_of_exactly_max_model_len_rejected_is_caught(tiny_model_dir, monk
             raise ValueError(f"prompt must be shorter than max_model_len ({limits.max_model_len})")
         return original(processed, params, limits, has_tokenizer)
 
-    monkeypatch.setattr(fast.engine, "validate_request", off_by_one)
+    monkeypatch.setattr(fast.engine.llm_engine, "validate_request", off_by_one)
     result = run("e2e", "workloads_vs_oracle", tiny_model_dir)
     assert result.status == "failed"
     assert "max_model_len" in result.message
@@ -428,7 +428,7 @@ def test_prompt_of_exactly_max_model_len_rejected_is_caught(tiny_model_dir, monk
 def test_min_tokens_mask_lifted_one_token_early_is_caught(tiny_model_dir, monkeypatch):
     """min_tokens off by one in the engine's own sampler: stop tokens are allowed at the last
     masked position. Only a stop token that is the argmax exactly there shows it."""
-    from fast.sampler import NEG_INF, Sampler
+    from fast.worker.sampler import NEG_INF, Sampler
 
     def early(self, logits, rows):
         for i, r in enumerate(rows):

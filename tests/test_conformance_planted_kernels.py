@@ -148,7 +148,7 @@ def test_clean_allocator_passes(tiny_model_dir):
 
 def test_hash_only_cache_lookup_is_caught(tiny_model_dir, monkeypatch):
     """The pool returns whatever block holds the hash, without comparing the tokens."""
-    from fast.block_pool import BlockPool
+    from fast.core.block_pool import BlockPool
 
     monkeypatch.setattr(BlockPool, "lookup", lambda self, key: self._cache_index.get(key.block_hash))
     assert_caught(run_allocator_tier(tiny_model_dir), "allocator scenario", "on Allocator_weak_hash", "model expects []")
@@ -158,8 +158,8 @@ def test_lookup_comparing_only_the_last_block_is_caught(tiny_model_dir, monkeypa
     """Keys compared on their own block's tokens and salt, not on the tokens before it. fast's own
     `check_invariants` would notice the broken key chain; it is switched off here, as in an
     allocator without one, to show the machine's model catches the wrong hit itself."""
-    from fast.block_pool import BlockKey
-    from fast.kv_cache_manager import KVCacheManager
+    from fast.core.block_pool import BlockKey
+    from fast.core.kv_cache_manager import KVCacheManager
 
     monkeypatch.setattr(KVCacheManager, "check_invariants", lambda self: None)
 
@@ -174,7 +174,7 @@ def test_lookup_comparing_only_the_last_block_is_caught(tiny_model_dir, monkeypa
 def test_lookup_ignoring_the_salt_is_caught(tiny_model_dir, monkeypatch):
     """Keys compared on tokens and parents but not on the extra keys: with a salt-blind hash one
     tenant's lookup returns another tenant's KV."""
-    from fast.block_pool import BlockKey
+    from fast.core.block_pool import BlockKey
 
     def salt_blind(self, other):
         mine, theirs = self, other
@@ -193,7 +193,7 @@ def test_lookup_ignoring_the_salt_is_caught(tiny_model_dir, monkeypatch):
 def test_cache_index_evicting_a_block_in_use_is_caught(tiny_model_dir, monkeypatch):
     """A capped cache index drops its oldest entry to make room, even while requests hold that
     block (its own invariants stay true: only the machine's eviction rule can tell)."""
-    from fast.block_pool import BlockPool
+    from fast.core.block_pool import BlockPool
 
     original = BlockPool.cache_block
 

@@ -7,8 +7,8 @@ import pytest
 from conformance.compare import check_request_outputs
 from fast import LLM, LLMEngine, SamplingParams
 from fast.config import EngineConfig
-from fast.request import SampleId
-from fast.scheduler import Scheduler
+from fast.core.request import SampleId
+from fast.core.scheduler import Scheduler
 from ref import LLM as RefLLM
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)

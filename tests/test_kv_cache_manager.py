@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from fast.kv_cache_manager import BlockCopy, KVCacheConfig, KVCacheManager, PrefixHit
+from fast.core.kv_cache_manager import BlockCopy, KVCacheConfig, KVCacheManager, PrefixHit
 
 
 def make(num_blocks: int = 8, block_size: int = 2, **kwargs) -> KVCacheManager:

@@ -39,7 +39,7 @@ EDGE_BUGS = [
 
 @pytest.mark.parametrize("name,old,new", EDGE_BUGS, ids=[b[0] for b in EDGE_BUGS])
 def test_edge_bug_is_caught(name, old, new, monkeypatch):
-    plant(monkeypatch, "fast.sampler", old, new)
+    plant(monkeypatch, "fast.worker.sampler", old, new)
 
     @given(batch=sampler_batches())
     @settings(max_examples=150, database=None, derandomize=True, phases=[Phase.generate])

@@ -22,10 +22,10 @@ from hypothesis import given, note, strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from fast import LLM, CompletionOutput, LLMEngine, SamplingParams
-from fast.chat_template import render_default
+from fast.entrypoints.chat_template import render_default
 from fast.config import EngineConfig
-from fast.openai_protocol import StreamedChoice, completion_logprobs
-from fast.serve import ServerConfig, build_app, serve_in_thread
+from fast.entrypoints.openai_protocol import StreamedChoice, completion_logprobs
+from fast.entrypoints.openai_server import ServerConfig, build_app, serve_in_thread
 from ref.outputs import Logprob
 from ref.sequence import Sequence, StopContext
 from ref.tokenizer import TextCodec, load_tokenizer
@@ -452,7 +452,7 @@ def test_server_config_is_validated():
 
 def test_help_shows_every_default_without_importing_torch():
     """`--help` is what a newcomer runs first: fast, and every flag says what it defaults to."""
-    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "fast.serve", "--help"],
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "fast.entrypoints.openai_server", "--help"],
                          capture_output=True, text=True, timeout=120, check=True)
     options = re.split(r"\n  (?=-)", out.stdout.split("options:", 1)[1])[1:]
     assert len(options) > len(EngineConfig.__dataclass_fields__), out.stdout
@@ -464,7 +464,7 @@ def test_help_shows_every_default_without_importing_torch():
 
 
 def test_cli_flags_are_the_engine_options(tiny_model_dir):
-    from fast.serve import parse_args
+    from fast.entrypoints.openai_server import parse_args
 
     server = vars(parse_args(["--max-request-body-bytes", "1000", "--max-prompts-per-request", "3", "--enable-docs"]))
     fields = {k: server[k] for k in ServerConfig.__dataclass_fields__}
@@ -480,7 +480,7 @@ def test_cli_flags_are_the_engine_options(tiny_model_dir):
 
 
 def test_chat_uses_the_tokenizers_template_when_it_has_one():
-    from fast.chat_template import chat_prompt
+    from fast.entrypoints.chat_template import chat_prompt
 
     class TemplatedTokenizer:
         chat_template = "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}[assistant]"

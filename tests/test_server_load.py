@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fast import LLMEngine
 from fast.config import EngineConfig
-from fast.serve import build_app, serve_in_thread
+from fast.entrypoints.openai_server import build_app, serve_in_thread
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -26,7 +26,7 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, NewType
 
-from fast.block_pool import (
+from fast.core.block_pool import (
     BlockHashFn,
     BlockId,
     BlockKey,

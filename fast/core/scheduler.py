@@ -23,8 +23,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from fast.kv_cache_manager import KVCacheManager, PrefixHit
-from fast.request import Request, Status
+from fast.core.kv_cache_manager import KVCacheManager, PrefixHit
+from fast.core.request import Request, Status
 
 POLICIES = ("fcfs", "priority")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fast.config import EngineConfig
-from fast.engine import LLMEngine
+from fast.engine.llm_engine import LLMEngine
 from ref.inputs import normalize_batch
 from ref.outputs import RequestOutput
 

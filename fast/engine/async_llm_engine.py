@@ -43,8 +43,8 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, TypeV
 from ref.outputs import CompletionOutput, RequestOutput
 from ref.sampling_params import SamplingParams
 
-if TYPE_CHECKING:  # fast.engine imports torch; `python -m fast.serve --help` must not wait for it
-    from fast.engine import EngineMetrics, LLMEngine
+if TYPE_CHECKING:  # fast.engine.llm_engine imports torch; `python -m fast.entrypoints.openai_server --help` must not wait for it
+    from fast.engine.llm_engine import EngineMetrics, LLMEngine
 
 T = TypeVar("T")
 
@@ -219,7 +219,7 @@ class AsyncLLMEngine:
     def from_options(cls, model: str, **options: Any) -> "AsyncLLMEngine":
         """Same options as `fast.LLM` (unknown ones are a ValueError listing the allowed)."""
         from fast.config import EngineConfig
-        from fast.engine import LLMEngine
+        from fast.engine.llm_engine import LLMEngine
 
         return cls(LLMEngine(EngineConfig.from_options(model, options)))
 

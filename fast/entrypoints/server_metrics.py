@@ -30,11 +30,11 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from fast.async_engine import AsyncLLMEngine, RequestStats
+from fast.engine.async_llm_engine import AsyncLLMEngine, RequestStats
 from ref.outputs import FINISH_REASONS
 
-if TYPE_CHECKING:  # fast.engine imports torch, which `python -m fast.serve --help` does not need
-    from fast.engine import EngineMetrics
+if TYPE_CHECKING:  # fast.engine.llm_engine imports torch, which `python -m fast.entrypoints.openai_server --help` does not need
+    from fast.engine.llm_engine import EngineMetrics
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
 TPOT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)

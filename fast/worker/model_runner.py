@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from fast.attention import AttentionBackend, AttentionMetadata
-from fast.kv_cache_manager import BlockCopy, KVCacheManager
-from fast.model import PagedDecoder
-from fast.scheduler import ScheduledRequest
+from fast.core.kv_cache_manager import BlockCopy, KVCacheManager
+from fast.worker.model import PagedDecoder
+from fast.core.scheduler import ScheduledRequest
 
 
 @dataclass

@@ -14,12 +14,12 @@ import torch
 
 from fast.attention import get_backend
 from fast.config import DEFAULT_KV_CACHE_MEMORY, DEFAULT_MAX_NUM_BATCHED_TOKENS, EngineConfig
-from fast.kv_cache_manager import KVCacheConfig, KVCacheManager, cdiv
-from fast.model import PagedDecoder
-from fast.model_runner import ModelRunner, StepInputs, kv_bytes_per_block
-from fast.request import Request, RequestGroup, SampleId, Status
-from fast.sampler import Sampler, SamplingRow, logprob_entry
-from fast.scheduler import ScheduledRequest, Scheduler, SchedulerConfig
+from fast.core.kv_cache_manager import KVCacheConfig, KVCacheManager, cdiv
+from fast.worker.model import PagedDecoder
+from fast.worker.model_runner import ModelRunner, StepInputs, kv_bytes_per_block
+from fast.core.request import Request, RequestGroup, SampleId, Status
+from fast.worker.sampler import Sampler, SamplingRow, logprob_entry
+from fast.core.scheduler import ScheduledRequest, Scheduler, SchedulerConfig
 from ref.inputs import (
     ProcessedPrompt, RequestLimits, check_request_id, process_prompt, request_ids_to_abort, validate_request,
 )
