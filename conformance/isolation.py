@@ -89,7 +89,8 @@ def remote_exception(type_name: str, bases: list[str], message: str, tb: str) ->
     name = type_name if type_name.isidentifier() else "EngineError"
     cls = _error_classes.get((name, base))
     if cls is None:
-        cls = _error_classes[(name, base)] = type(name, (base, RemoteError), {"__module__": "engine"})
+        bases = (RemoteError,) if issubclass(RemoteError, base) else (base, RemoteError)  # Exception itself
+        cls = _error_classes[(name, base)] = type(name, bases, {"__module__": "engine"})
     err = cls(message)
     err.remote_type, err.remote_traceback = type_name, tb
     return err

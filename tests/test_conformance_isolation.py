@@ -210,3 +210,21 @@ def test_the_engine_process_dies_with_the_suite():
     for p in left:
         os.kill(p, signal.SIGKILL)
     assert not left, f"engine process {left} outlived the suite"
+
+
+@pytest.mark.parametrize("type_name, bases, builtin", [
+    ("ImportError", ["ImportError", "Exception", "BaseException", "object"], Exception),
+    ("EngineBug", ["EngineBug", "Exception", "BaseException", "object"], Exception),
+    ("Weird", ["Weird", "object"], Exception),
+    ("BadShape", ["BadShape", "ValueError", "Exception", "BaseException", "object"], ValueError),
+])
+def test_an_engine_exception_is_reraised_under_its_nearest_builtin(type_name, bases, builtin):
+    """An exception whose nearest builtin base is Exception itself (an ImportError of the
+    engine's code, a plain `class EngineBug(Exception)`) arrives with its message, not as a
+    TypeError about the MRO of the class made for it."""
+    from conformance.isolation import RemoteError, remote_exception
+
+    err = remote_exception(type_name, bases, "the message", "the traceback")
+    assert isinstance(err, RemoteError) and isinstance(err, builtin)
+    assert type(err).__name__ == type_name and str(err) == "the message"
+    assert err.remote_type == type_name and err.remote_traceback == "the traceback"
