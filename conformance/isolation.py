@@ -13,9 +13,14 @@ child sends can run code in the parent.
     kv / Request objects of the checks    ◄──  the child calls back into the parent's objects
 
 What crosses the pipe:
-- Data, by value: builtin scalars and containers, tensors (raw bytes; arguments a call changed in
-  place are copied back), enums, frozen dataclasses compared by value, and `RequestOutput`,
-  `CompletionOutput`, `Logprob`, `SamplingParams`.
+- Data, by value: builtin scalars and containers, tensors (raw bytes and the device they were on;
+  arguments a call changed in place are copied back), `torch.device`s, enums, frozen dataclasses
+  compared by value, and `RequestOutput`, `CompletionOutput`, `Logprob`, `SamplingParams`.
+- A tensor is rebuilt on the sender's device when the receiver has it, as in one process: the
+  engine's CUDA kernels get CUDA tensors from the checks, and the checks get the engine's CUDA
+  outputs on CUDA. A device the receiver lacks (no CUDA, fewer GPUs, another kind) gives a CPU
+  tensor of the same dtype, shape and values: a check that compares on CPU (`.cpu()` on both
+  sides) gives the same verdict either way.
 - Anything else, by reference: the receiver gets a `Proxy` whose attribute reads, method calls,
   `len`, iteration and indexing are forwarded; the same object always arrives as the same proxy.
 
@@ -58,6 +63,9 @@ from typing import Any
 DATA_CLASSES = frozenset({("ref.outputs", "RequestOutput"), ("ref.outputs", "CompletionOutput"),
                           ("ref.outputs", "Logprob"), ("ref.sampling_params", "SamplingParams")})
 TENSOR_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
+# A tensor crosses with its device's (type, index); the receiver rebuilds it there if that is
+# the CPU or a CUDA device it has, else on the CPU (see `local_device`).
+MAX_DEVICE_INDEX = 1 << 16
 REPR_LIMIT = 800  # characters of a call's arguments quoted in a timeout message
 POLL_SLICE_S = 1.0  # how often the parent checks that the child still lives while waiting
 
@@ -175,21 +183,47 @@ def _torch():
     return sys.modules.get("torch")
 
 
-def _tensor_bytes(t) -> tuple[str, tuple[int, ...], bytes]:
+def _tensor_bytes(t) -> tuple[str, tuple[int, ...], bytes, tuple[str, int | None]]:
+    """What `_rebuild_tensor` needs: dtype name, shape, raw bytes (copied to CPU), and the
+    device record (type, index) of the tensor's device."""
     torch = _torch()
+    device = (t.device.type, t.device.index)
+    if t.device.type == "meta":
+        raise TypeError("cannot send a tensor on the meta device (it has no data) between processes")
     t = t.detach().to("cpu").contiguous()
     name = str(t.dtype).removeprefix("torch.")
     if name not in TENSOR_DTYPES:
         raise TypeError(f"cannot send a tensor of dtype {t.dtype} between processes")
     raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-    return name, tuple(t.shape), raw
+    return name, tuple(t.shape), raw, device
 
 
-def _rebuild_tensor(dtype_name: str, shape: tuple, raw: bytes):
+def _check_device_record(device) -> tuple[str, int | None]:
+    """A (type, index) pair of plain values, or UnpicklingError: nothing in it is called."""
+    if not (isinstance(device, tuple) and len(device) == 2 and type(device[0]) is str
+            and device[0].isidentifier() and len(device[0]) <= 16
+            and (device[1] is None or (type(device[1]) is int and 0 <= device[1] < MAX_DEVICE_INDEX))):
+        raise pickle.UnpicklingError(f"bad device record {device!r:.100}")
+    return device
+
+
+def local_device(device: tuple[str, int | None]):
+    """Where this process rebuilds a tensor that was on `device` (a (type, index) record): on that
+    CUDA device if this process has it, else on the CPU (the values are the same either way)."""
+    import torch
+
+    type_name, index = _check_device_record(device)
+    if type_name == "cuda" and torch.cuda.is_available() and (index or 0) < torch.cuda.device_count():
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def _rebuild_tensor(dtype_name: str, shape: tuple, raw: bytes, device: tuple):
     import torch
 
     if dtype_name not in TENSOR_DTYPES or not all(isinstance(s, int) and s >= 0 for s in shape):
         raise pickle.UnpicklingError(f"bad tensor: dtype {dtype_name!r}, shape {shape!r}")
+    target = local_device(device)
     dtype = getattr(torch, dtype_name)
     numel = 1
     for s in shape:
@@ -197,8 +231,9 @@ def _rebuild_tensor(dtype_name: str, shape: tuple, raw: bytes):
     if len(raw) != numel * torch.empty((), dtype=dtype).element_size():
         raise pickle.UnpicklingError(f"bad tensor: {len(raw)} bytes for shape {shape} {dtype_name}")
     if numel == 0:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(shape)
+        return torch.empty(shape, dtype=dtype, device=target)
+    t = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(shape)
+    return t if target.type == "cpu" else t.to(target)
 
 
 def _rebuild_dtype(name: str):
@@ -207,6 +242,18 @@ def _rebuild_dtype(name: str):
     if name not in TENSOR_DTYPES:
         raise pickle.UnpicklingError(f"bad dtype {name!r}")
     return getattr(torch, name)
+
+
+def _rebuild_device(type_name: str, index):
+    """A `torch.device` as it was sent: a name, whether or not this process has the device
+    (`local_device` decides where tensors go)."""
+    import torch
+
+    type_name, index = _check_device_record((type_name, index))
+    try:
+        return torch.device(type_name, index)
+    except (RuntimeError, ValueError) as err:
+        raise pickle.UnpicklingError(f"bad device {type_name!r}: {err}") from None
 
 
 def _known_class(module: str, qualname: str) -> type | None:
@@ -295,6 +342,8 @@ class _Encoder(pickle.Pickler):
         if torch is not None and isinstance(obj, torch.Tensor):
             self.tensors.append(obj)
             return _rebuild_tensor, _tensor_bytes(obj)
+        if torch is not None and isinstance(obj, torch.device):
+            return _rebuild_device, (obj.type, obj.index)
         if ep.is_parent and (_is_record(obj) or isinstance(obj, (enum.Enum, type, types.FunctionType,
                                                                  types.BuiltinFunctionType))):
             return NotImplemented  # the child trusts the suite: ordinary pickling, classes by name
@@ -333,6 +382,7 @@ _SAFE_GLOBALS = {
     ("builtins", "bool"): bool, ("builtins", "complex"): complex, ("builtins", "slice"): slice,
     ("builtins", "range"): range,
     (__name__, "_rebuild_tensor"): _rebuild_tensor, (__name__, "_rebuild_dtype"): _rebuild_dtype,
+    (__name__, "_rebuild_device"): _rebuild_device,
     (__name__, "_rebuild_record"): _rebuild_record, (__name__, "_rebuild_enum"): _rebuild_enum,
 }
 

@@ -228,3 +228,163 @@ def test_an_engine_exception_is_reraised_under_its_nearest_builtin(type_name, ba
     assert isinstance(err, RemoteError) and isinstance(err, builtin)
     assert type(err).__name__ == type_name and str(err) == "the message"
     assert err.remote_type == type_name and err.remote_traceback == "the traceback"
+
+
+# ----------------------------------------------------------------------------- devices
+# A tensor crosses with its device's (type, index) and is rebuilt there when the receiver has
+# that device, else on CPU. There is no GPU here: a "cuda" record is written by hand (as the
+# engine process on a GPU machine would send it), and the placement is faked where needed.
+
+
+def _bytes_as_if_on(device: tuple, obj) -> bytes:
+    """`obj` pickled as the engine process sends it, with every tensor's device record `device`."""
+    import io
+
+    import torch
+
+    from conformance.isolation import _rebuild_tensor, _tensor_bytes
+
+    class FromDevice(pickle.Pickler):
+        def reducer_override(self, o):
+            if isinstance(o, torch.Tensor):
+                name, shape, raw, _ = _tensor_bytes(o)
+                return _rebuild_tensor, (name, shape, raw, device)
+            return NotImplemented
+
+    buf = io.BytesIO()
+    FromDevice(buf, protocol=5).dump(obj)
+    return buf.getvalue()
+
+
+def _decode_in_parent(raw: bytes):
+    import io
+
+    from conformance.isolation import Endpoint, SafeUnpickler
+
+    return SafeUnpickler(io.BytesIO(raw), Endpoint(None, is_parent=True)).load()
+
+
+def _send(obj, *, from_parent: bool):
+    """`obj` through the wire in one direction: the sender's encoder, the receiver's decoder."""
+    import io
+
+    from conformance.isolation import Endpoint, SafeUnpickler, _Encoder, _TrustingUnpickler
+
+    buf = io.BytesIO()
+    _Encoder(buf, Endpoint(None, is_parent=from_parent)).dump(obj)
+    decoder = _TrustingUnpickler if from_parent else SafeUnpickler
+    return decoder(io.BytesIO(buf.getvalue()), Endpoint(None, is_parent=not from_parent)).load()
+
+
+@pytest.mark.parametrize("from_parent", [False, True])
+def test_tensors_and_devices_cross_by_value_with_their_device(from_parent):
+    import torch
+
+    t = torch.arange(12, dtype=torch.float16).reshape(3, 4)[:, 1:]  # not contiguous
+    got = _send({"t": t, "empty": torch.empty(0, 5, dtype=torch.int32), "device": torch.device("cuda", 1),
+                 "cpu": torch.device("cpu"), "dtype": torch.bfloat16}, from_parent=from_parent)
+    assert got["t"].device.type == "cpu" and got["t"].dtype == torch.float16 and torch.equal(got["t"], t)
+    assert got["empty"].shape == (0, 5) and got["empty"].dtype == torch.int32
+    assert got["device"] == torch.device("cuda", 1) and type(got["device"]) is torch.device  # not a Proxy
+    assert got["cpu"] == torch.device("cpu") and got["dtype"] is torch.bfloat16
+
+
+def test_a_cuda_tensor_arrives_on_cpu_where_there_is_no_cuda(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    t = torch.randn(4, 3).to(torch.bfloat16)
+    got = _decode_in_parent(_bytes_as_if_on(("cuda", 0), [t, torch.zeros(0, dtype=torch.int64)]))
+    assert got[0].device == torch.device("cpu") and got[0].dtype == torch.bfloat16 and torch.equal(got[0], t)
+    assert got[1].device == torch.device("cpu") and got[1].shape == (0,)
+
+
+def test_a_tensor_is_rebuilt_on_the_senders_cuda_device_when_this_process_has_it(monkeypatch):
+    import torch
+
+    from conformance.isolation import local_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert local_device(("cuda", 1)) == torch.device("cuda", 1)
+    assert local_device(("cuda", None)) == torch.device("cuda")
+    assert local_device(("cuda", 2)) == torch.device("cpu")  # a GPU this process does not have
+    assert local_device(("cpu", None)) == torch.device("cpu")
+    assert local_device(("mps", 0)) == torch.device("cpu")  # another kind of device: CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert local_device(("cuda", 0)) == torch.device("cpu")
+
+
+def test_the_rebuilt_tensor_is_moved_to_the_device_chosen_for_it(monkeypatch):
+    """The non-CPU branch of the rebuild, on a real device that exists without a GPU: meta
+    stands in for the CUDA device `local_device` would choose on a GPU machine."""
+    import torch
+
+    from conformance import isolation
+
+    monkeypatch.setattr(isolation, "local_device",
+                        lambda d: torch.device("meta") if d[0] == "cuda" else torch.device("cpu"))
+    got = _decode_in_parent(_bytes_as_if_on(("cuda", 0), {"x": torch.ones(2, 3, dtype=torch.float16),
+                                                           "e": torch.ones(0, 2)}))
+    assert got["x"].device.type == "meta" and got["x"].shape == (2, 3) and got["x"].dtype == torch.float16
+    assert got["e"].device.type == "meta" and got["e"].shape == (0, 2)
+    assert _decode_in_parent(_bytes_as_if_on(("cpu", None), torch.ones(2))).device.type == "cpu"
+
+
+@pytest.mark.parametrize("device", [("cuda", -1), ("cuda", "0"), ("cuda", True), ("cuda", 1 << 20), "cuda:0",
+                                    ("cuda", 0, 0), (b"cuda", 0), ("cu da", 0), (["cuda"], 0)])
+def test_a_malformed_device_record_is_refused(device):
+    import torch
+
+    with pytest.raises(pickle.UnpicklingError, match="bad device"):
+        _decode_in_parent(_bytes_as_if_on(device, torch.ones(2)))
+
+
+def test_a_device_the_parent_does_not_know_is_refused_and_meta_tensors_are_not_sent():
+    import io
+
+    import torch
+
+    from conformance.isolation import Endpoint, _Encoder, _rebuild_device
+
+    class Marker:
+        pass
+
+    class Device(pickle.Pickler):
+        def reducer_override(self, o):
+            return (_rebuild_device, ("bogus", 0)) if isinstance(o, Marker) else NotImplemented
+
+    buf = io.BytesIO()
+    Device(buf).dump(Marker())
+    with pytest.raises(pickle.UnpicklingError, match="bad device 'bogus'"):
+        _decode_in_parent(buf.getvalue())
+    with pytest.raises(TypeError, match="meta device"):
+        _Encoder(io.BytesIO(), Endpoint(None, is_parent=False)).dump(torch.ones(2, device="meta"))
+
+
+def test_the_kernel_comparison_holds_for_outputs_sent_from_cuda(monkeypatch):
+    """A backend in the engine process on CUDA returns CUDA outputs; a suite without CUDA gets
+    them on CPU, and the kernel check still passes a right output and fails a wrong one."""
+    import torch
+
+    from conformance.kernels import TARGETED_CASES, build_batch, check_backend_matches_reference
+    from fast.attention import get_backend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    class RemoteOnCuda:
+        name = "remote"
+
+        def __init__(self, corrupt: bool):
+            self.corrupt = corrupt
+
+        def forward(self, *args):
+            out = get_backend("torch").forward(*args)
+            if self.corrupt:
+                out[0, 0, 0] += 1.0
+            return _decode_in_parent(_bytes_as_if_on(("cuda", 0), out))
+
+    batch = build_batch(TARGETED_CASES[0].spec)
+    check_backend_matches_reference(RemoteOnCuda(corrupt=False), batch)
+    with pytest.raises(AssertionError, match="remote sequence 0"):
+        check_backend_matches_reference(RemoteOnCuda(corrupt=True), batch)
