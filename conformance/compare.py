@@ -6,6 +6,11 @@ The rule (SPEC.md, "Comparing outputs"):
   token is one of the oracle's near-tied candidates: its oracle decision score is within
   `near_tie_margin(dtype)` of the oracle's best. Then the outputs may diverge from that index
   on, and only from there.
+- Near a truncation cut (seeded samples with top-k, top-p or min-p): logits within tolerance
+  may keep a token on one engine and cut it on the other. A divergence is also allowed when the
+  oracle's processed logits put the oracle's or the candidate's token within tolerance of a cut
+  and the candidate's token wins the oracle's race under some such flip of near-cut tokens'
+  membership (`near_cut`); never for greedy requests, never where neither token is near a cut.
 - Logprob dicts name the same tokens with the same ranks, values and decoded text; a token may
   take another's place or rank only where the oracle's logprobs of the two are near-tied (the
   same margin), and every value must be the oracle's value *for that token*.
@@ -14,6 +19,8 @@ The rule (SPEC.md, "Comparing outputs"):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable
 
 import torch
@@ -68,27 +75,44 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def oracle_decision_scores(model, prompt_ids: list[int], output_ids: list[int], step: int,
-                           params, eos_token_ids: tuple[int, ...], seed: int | None) -> torch.Tensor:
-    """The oracle's decision scores [vocab] for output token `step`, in logit units.
+@dataclass
+class OracleDecision:
+    """The oracle's view of one sampling step, recomputed teacher-forced."""
 
-    Recomputed teacher-forced on prompt + output_ids[:step]: for greedy the processed logits; for
-    seeded sampling log(probs / noise) scaled back by the temperature, with the request's
-    generator advanced past the `step` earlier draws (one draw per token). The token taken is the
-    argmax; a token truncated away scores -inf.
+    scores: torch.Tensor  # decision scores [vocab] in logit units (-inf: truncated away)
+    processed: torch.Tensor  # logits after the min_tokens mask and the penalties [vocab]
+    noise: torch.Tensor | None  # the step's exponential noise draw (None: greedy)
+
+
+def oracle_decision(model, prompt_ids: list[int], output_ids: list[int], step: int,
+                    params, eos_token_ids: tuple[int, ...], seed: int | None) -> OracleDecision:
+    """The oracle's decision for output token `step`, recomputed teacher-forced on prompt +
+    output_ids[:step]: for greedy the processed logits; for seeded sampling log(probs / noise)
+    scaled back by the temperature, with the request's generator advanced past the `step` earlier
+    draws (one draw per token). The token taken is the argmax; a token truncated away scores -inf.
     """
-    from ref.sampler import decision_scores, exponential_noise
+    from ref.sampler import decision_scores, exponential_noise, process_logits
 
     logits = model.teacher_forced_logits(prompt_ids + output_ids[:step])[-1]
-    gen = None
-    if not params.greedy:
-        gen = torch.Generator().manual_seed(seed)
-        for _ in range(step):
-            exponential_noise(gen, logits.shape[-1])
+    processed = process_logits(logits, params, prompt_ids, output_ids[:step], eos_token_ids).float()
+    if params.greedy:
+        return OracleDecision(decision_scores(logits, params, prompt_ids, output_ids[:step], eos_token_ids,
+                                              None).float(), processed, None)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(step):
+        exponential_noise(gen, logits.shape[-1])
+    state = gen.get_state()
     scores = decision_scores(logits, params, prompt_ids, output_ids[:step], eos_token_ids, gen)
-    if not params.greedy:
-        scores = torch.log(scores) * params.temperature
-    return scores.float()
+    gen.set_state(state)
+    noise = exponential_noise(gen, logits.shape[-1])
+    return OracleDecision((torch.log(scores) * params.temperature).float(), processed, noise)
+
+
+def oracle_decision_scores(model, prompt_ids: list[int], output_ids: list[int], step: int,
+                           params, eos_token_ids: tuple[int, ...], seed: int | None) -> torch.Tensor:
+    """The oracle's decision scores [vocab] for output token `step`, in logit units (see
+    `oracle_decision`)."""
+    return oracle_decision(model, prompt_ids, output_ids, step, params, eos_token_ids, seed).scores
 
 
 def oracle_decision_gap(model, prompt_ids: list[int], output_ids: list[int], step: int,
@@ -103,15 +127,107 @@ def near_tied(scores: torch.Tensor, margin: float) -> list[int]:
     return [int(t) for t in torch.nonzero(scores >= scores.max() - margin).flatten()]
 
 
+def _sum_above(z: torch.Tensor, weights: torch.Tensor, thresholds: torch.Tensor, strict: bool) -> torch.Tensor:
+    """Per threshold x: the sum of weights[s] over tokens s with z[s] > x (strict) or >= x."""
+    order = torch.argsort(z, descending=True)
+    cum = torch.cat([weights.new_zeros(1), torch.cumsum(weights[order], 0)])
+    # z[order] descending, so -z[order] ascending: z_s >= x  <=>  -z_s <= -x.
+    return cum[torch.searchsorted(-z[order], -thresholds, right=not strict)]
+
+
+def truncation_bounds(processed: torch.Tensor, params, atol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(surely kept, maybe kept): boolean masks [vocab] of the tokens that every engine, and that
+    some engine, whose processed logits are each within `atol` of `processed` keeps through SPEC
+    §6's truncation (temperature, then top-k, top-p, min-p; `ref.sampler.truncate`).
+
+    In temperature-scaled units z = processed / T each logit may be off by a = atol / T, so two
+    are ordered for sure only when more than 2a apart:
+    - top-k keeps t iff fewer than k tokens lie strictly above it;
+    - top-p keeps t iff the probability mass sorted before it (among top-k's kept) is below top_p:
+      the mass is bounded by counting every token that may sit above t (and may pass top-k) at
+      e^(z+a) against t and the sure-kept tokens surely below it at e^(z-a), and the reverse;
+    - min-p keeps t iff z_t >= z_max + log(min_p), each side off by a.
+    """
+    T = params.temperature
+    z = processed.double() / T
+    a = atol / T
+    finite = torch.isfinite(z)
+    sure, maybe = finite.clone(), finite.clone()
+    vocab = z.numel()
+    ones = finite.double()
+    k = params.top_k
+    if 0 < k < vocab:
+        # tokens (other than t) that may lie above t / surely lie above t
+        may_above = _sum_above(z, ones, z - 2 * a, strict=False) - ones
+        sure_above = _sum_above(z, ones, z + 2 * a, strict=True)
+        sure &= may_above < k
+        maybe &= sure_above < k
+    if params.top_p < 1.0:
+        w = torch.exp(torch.where(finite, z - z[finite].max(), torch.full_like(z, float("-inf"))))
+        up, down = w * torch.exp(torch.tensor(a, dtype=w.dtype)), w * torch.exp(torch.tensor(-a, dtype=w.dtype))
+        maybe_w, sure_w = torch.where(maybe, up, 0.0), torch.where(sure, down, 0.0)
+        # most mass before t: all that may be above it, high; t and the sure ones surely below, low
+        above_hi = _sum_above(z, maybe_w, z - 2 * a, strict=False) - torch.where(maybe, up, 0.0)
+        below_lo = down + sure_w.sum() - _sum_above(z, sure_w, z - 2 * a, strict=False)
+        # least mass before t: only the sure ones surely above it, low; t and the rest, high
+        above_lo = _sum_above(z, sure_w, z + 2 * a, strict=True)
+        rest_hi = up + maybe_w.sum() - _sum_above(z, maybe_w, z + 2 * a, strict=True) - torch.where(maybe, up, 0.0)
+        most_before = above_hi / (above_hi + below_lo)
+        least_before = above_lo / (above_lo + rest_hi)
+        sure &= most_before < params.top_p
+        maybe &= least_before < params.top_p
+    if params.min_p > 0.0:
+        cut = z[finite].max() + torch.log(torch.tensor(params.min_p, dtype=z.dtype))
+        sure &= z >= cut + 2 * a
+        maybe &= z >= cut - 2 * a
+    return sure, maybe
+
+
+def truncates(params) -> bool:
+    """A sampled request whose top-k, top-p or min-p may cut tokens (greedy never truncates)."""
+    return not params.greedy and (params.top_k > 0 or params.top_p < 1.0 or params.min_p > 0.0)
+
+
+@dataclass(frozen=True)
+class NearCut:
+    """One sampling step's truncation, as two correct engines may see it (`near_cut`)."""
+
+    near: frozenset[int]  # maybe kept, not surely: within tolerance of a top-k/top-p/min-p cut
+    allowed: frozenset[int]  # tokens that win the race under some membership of the near-cut ones
+
+    def accepts(self, oracle_token: int, candidate_token: int) -> bool:
+        """The divergence is explained by a near-cut token's membership flipping: one of the two
+        tokens is near a cut, and the candidate's token can win the race."""
+        return (oracle_token in self.near or candidate_token in self.near) and candidate_token in self.allowed
+
+
+def near_cut(processed: torch.Tensor, noise: torch.Tensor, params, dtype: torch.dtype) -> NearCut:
+    """The near-cut tokens of a sampling step and the tokens a correct engine may take there.
+
+    Race scores T·(z - log q) (logit units, the oracle's decision scores up to a constant) decide
+    among the kept tokens. A candidate token is allowed when some engine may keep it and its score
+    is within the near-tie margin of the best surely kept token's: the oracle's token or others
+    near a cut may have been cut by the candidate engine, and the candidate's token may have been
+    kept by it. Where neither token is near a cut this is the near-tie rule."""
+    sure, maybe = truncation_bounds(processed, params, LOGIT_ATOL[dtype])
+    race = processed.double() - params.temperature * torch.log(noise.double())
+    best_sure = race[sure].max() if bool(sure.any()) else torch.tensor(float("-inf"), dtype=race.dtype)
+    allowed = maybe & (race >= best_sure - near_tie_margin(dtype))
+    as_set = lambda mask: frozenset(int(t) for t in torch.nonzero(mask).flatten())  # noqa: E731
+    return NearCut(as_set(maybe & ~sure), as_set(allowed))
+
+
 def check_tokens_equal(name: str, oracle_ids: list[int], candidate_ids: list[int],
-                       scores_at: Callable[[int], torch.Tensor | float], dtype: torch.dtype) -> int | None:
+                       scores_at: Callable[[int], torch.Tensor | float], dtype: torch.dtype,
+                       near_cut_at: Callable[[int], NearCut] | None = None) -> int | None:
     """The SPEC comparison rule. Returns None if identical, else the index of an allowed
-    near-tie divergence; raises AssertionError naming the request, index and both tokens.
+    divergence; raises AssertionError naming the request, index and both tokens.
 
     `scores_at(j)` gives the oracle's decision scores [vocab] at index j: the candidate's token
     must be one of the oracle's near-tied candidates (score within the margin of the best).
     A caller that can only give the oracle's top-2 gap (a float) gets the weaker rule: some
-    near-tie exists at j.
+    near-tie exists at j. `near_cut_at(j)` (sampled requests that truncate only) adds the
+    near-cut clause: a divergence that a near-cut token's membership explains (`NearCut.accepts`).
     """
     j = first_divergence(oracle_ids, candidate_ids)
     if j is None:
@@ -131,14 +247,21 @@ def check_tokens_equal(name: str, oracle_ids: list[int], candidate_ids: list[int
             )
         return j
     tied = near_tied(scores, margin)
-    if candidate_ids[j] not in tied:
-        below = float(scores.max() - scores[candidate_ids[j]])
-        raise AssertionError(
-            f"{name}: token {j} differs: oracle={oracle_ids[j]} candidate={candidate_ids[j]}; the candidate's "
-            f"token scores {below:.3g} below the oracle's best, beyond the near-tie margin {margin:g} "
-            f"(near-tied: {tied[:8]})"
-        )
-    return j
+    if candidate_ids[j] in tied:
+        return j
+    cut = near_cut_at(j) if near_cut_at is not None else None
+    if cut is not None and cut.accepts(oracle_ids[j], candidate_ids[j]):
+        return j
+    below = float(scores.max() - scores[candidate_ids[j]])
+    why = ""
+    if cut is not None:
+        why = (f"; near a top-k/top-p/min-p cut: {sorted(cut.near)[:8]}, which explains no choice of "
+               f"{candidate_ids[j]}" if cut.near else "; no token is near a top-k/top-p/min-p cut")
+    raise AssertionError(
+        f"{name}: token {j} differs: oracle={oracle_ids[j]} candidate={candidate_ids[j]}; the candidate's "
+        f"token scores {below:.3g} below the oracle's best, beyond the near-tie margin {margin:g} "
+        f"(near-tied: {tied[:8]}){why}"
+    )
 
 
 def _ranked(entry: dict, k: int) -> list[tuple[int, int]]:
@@ -162,12 +285,14 @@ def check_logprob_entry(name: str, oracle: dict, candidate: dict, k: int, dtype:
     same decoded text. Otherwise the oracle's full row `oracle_logprobs()` [vocab] arbitrates:
     every candidate token must carry the oracle's value for that token (within atol) and a rank a
     correct engine could give it (`rank_bounds`), and an oracle top-k token the candidate left
-    out must be near-tied with the k-th (it could rank beyond k).
+    out must be near-tied with the k-th (it could rank beyond k). The sampled token counts once, so
+    the entries number k (it is among the top-k) or k + 1: the candidate's count may differ from
+    the oracle's only where the sampled token is near-tied with the k-th.
     """
     atol, margin = LOGIT_ATOL[dtype], near_tie_margin(dtype)
-    if len(oracle) != len(candidate):
-        raise AssertionError(f"{name}: {len(candidate)} entries, oracle {len(oracle)}: candidate "
-                             f"{list(candidate)} oracle {list(oracle)}")
+    if len(candidate) - 1 not in (k - 1, k):  # the top-k, the sampled token first unless among them
+        raise AssertionError(f"{name}: {len(candidate)} entries for the sampled/actual token and a top-{k}: "
+                             f"candidate {list(candidate)} oracle {list(oracle)}")
     first_o, first_c = next(iter(oracle)), next(iter(candidate))
     if first_o != first_c:
         raise AssertionError(f"{name}: first entry is token {first_c}, oracle's is the sampled/actual token {first_o}")
@@ -182,6 +307,15 @@ def check_logprob_entry(name: str, oracle: dict, candidate: dict, k: int, dtype:
     if list(oracle) == list(candidate) and same_ranks:
         return
     row = oracle_logprobs().float()
+    # One entry fewer than the oracle's (or more): the sampled token is inside the candidate's
+    # top-k (or outside it), which a correct engine may only do where it is near-tied with the k-th.
+    lo, hi = rank_bounds(row, first_c, margin)
+    if len(candidate) == k and lo > k:
+        raise AssertionError(f"{name}: {k} entries: the sampled/actual token {first_c} is listed as one of the "
+                             f"top-{k}, but the oracle ranks it {lo} or lower (oracle {list(oracle)})")
+    if len(candidate) == k + 1 and hi <= k:
+        raise AssertionError(f"{name}: {k + 1} entries: the sampled/actual token {first_c} is left out of the "
+                             f"top-{k}, but the oracle ranks it {hi} or higher (oracle {list(oracle)})")
     for t, c in candidate.items():
         if abs(float(row[t]) - c.logprob) > atol:
             raise AssertionError(f"{name}: token {t} carries logprob {c.logprob:.6g} but the oracle's for that "
@@ -232,9 +366,13 @@ def check_completion(name: str, model, prompt_ids: list[int], params, eos_token_
     """
     if not params.greedy and params.seed is None:
         return None
-    scores_at = lambda j: oracle_decision_scores(model, prompt_ids, oracle.token_ids, j, params,  # noqa: E731
-                                                 tuple(eos_token_ids), params.seed)
-    j = check_tokens_equal(name, oracle.token_ids, candidate.token_ids, scores_at, dtype)
+    decision_at = lru_cache(maxsize=None)(lambda j: oracle_decision(model, prompt_ids, oracle.token_ids, j, params,
+                                                                     tuple(eos_token_ids), params.seed))
+    near_cut_at = None
+    if truncates(params):
+        near_cut_at = lambda j: near_cut(decision_at(j).processed, decision_at(j).noise, params, dtype)  # noqa: E731
+    j = check_tokens_equal(name, oracle.token_ids, candidate.token_ids, lambda j: decision_at(j).scores, dtype,
+                           near_cut_at)
     atol = LOGIT_ATOL[dtype]
     upto = len(oracle.token_ids) if j is None else j
     _check_logprob_lists(name, oracle.logprobs, candidate.logprobs, upto, params.logprobs, dtype,
