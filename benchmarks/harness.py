@@ -72,15 +72,15 @@ def run_fast(model_dir: str, workload: Workload, **options) -> RunResult:
     engine = LLMEngine(EngineConfig(model=model_dir, max_model_len=workload.max_model_len, **options))
     steps: list[tuple[int, int]] = []
     slots = {"used": 0, "alloc": 0, "max_running": 0}
-    sched, runner = engine.scheduler, engine.runner
-    original_prepare = runner.prepare
+    sched, executor = engine.scheduler, engine.executor
+    original_execute = executor.execute_model
 
-    def prepare(scheduled, kv):  # record the token counts the GEMM floor must replay
-        inputs = original_prepare(scheduled, kv)
-        steps.append((len(inputs.input_ids), len(inputs.sample_rows)))
-        return inputs
+    def execute_model(scheduler_output):  # record the token counts the GEMM floor must replay
+        runner_output = original_execute(scheduler_output)
+        steps.append((scheduler_output.total_num_scheduled_tokens, len(runner_output.req_ids)))
+        return runner_output
 
-    runner.prepare = prepare
+    executor.execute_model = execute_model
 
     def on_step():
         running = sched.running
@@ -90,7 +90,8 @@ def run_fast(model_dir: str, workload: Workload, **options) -> RunResult:
 
     wall, ttft, tpot = _drive(engine, workload, on_step)
     m = engine.get_metrics()
-    return RunResult(f"fast[{engine.runner.backend.name}]", workload.name, wall, workload.num_output_tokens,
+    backend = executor.driver_call("attention_backend_name")
+    return RunResult(f"fast[{backend}]", workload.name, wall, workload.num_output_tokens,
                      workload.num_prompt_tokens, ttft, tpot,
                      kv_utilization=slots["used"] / slots["alloc"] if slots["alloc"] else None,
                      max_concurrent=slots["max_running"], preemptions=m.num_preemptions,

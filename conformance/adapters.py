@@ -66,7 +66,7 @@ class FastAdapter:
 
     def model_logits(self, token_ids: list[int]) -> torch.Tensor:
         engine = self.llm.llm_engine
-        return engine.model.teacher_forced_logits(token_ids, engine.runner.backend)
+        return engine.executor.driver_call("teacher_forced_logits", (token_ids,))
 
     def attention_backends(self) -> dict:
         from fast.attention import get_backend

@@ -1,8 +1,10 @@
 """A Hypothesis state machine for a continuous-batching scheduler, against an executable policy.
 
-Shipped in the package so any scheduler with the same small surface (`add`, `add_running`,
-`schedule`, `remove`, `running`, `waiting`, `has_work`, `check_invariants`) can be checked. Tokens
-are "generated" by the machine itself (no model), so thousands of steps run in seconds.
+Shipped in the package so any scheduler with the same small surface (`add`, `schedule`,
+`update_from_output`, `remove`, `running`, `waiting`, `has_work`, `check_invariants`) can be
+checked. Tokens are "generated" by the machine itself (no model): it hands `update_from_output` the
+`ModelRunnerOutput` a correct worker would return for the policy's plan, so thousands of steps run
+in seconds.
 
 `SchedulerModel` is SPEC §10 written as plainly as possible: two Python lists for the queues and
 `AllocatorModel` (conformance/allocator.py) for the KV cache, so it predicts every step exactly.
@@ -17,7 +19,8 @@ The machine sends every operation to both and checks, after every step:
 - the same running list (admission order) and waiting queue (fcfs: the exact order, so where a
   preempted request re-enters is checked; priority: the same set), the same computed tokens,
   block tables and free-block order;
-- forks of n > 1 samples join the running set only below `max_num_seqs` (`add_running`);
+- forks of n > 1 samples (in the step sample 0 completes its prompt, after all other
+  allocations) join the running set only below `max_num_seqs`, with the same block copies;
 - the scheduler's own `check_invariants()`.
 At teardown, with no new work, every request must finish within the liveness bound of
 `liveness_bound` (SPEC §10) and every block must come back.
@@ -33,10 +36,11 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from conformance.allocator import AllocatorModel
 from fast.core.kv_cache_manager import KVCacheConfig, KVCacheManager
+from fast.core.outputs import ModelRunnerOutput
 from fast.core.request import Request, RequestGroup, Status
 from fast.core.scheduler import Scheduler, SchedulerConfig
 from ref.sampling_params import SamplingParams
-from ref.sequence import Sequence, StopContext
+from ref.sequence import StopContext
 from ref.tokenizer import TextCodec
 
 MAX_MODEL_LEN = 64
@@ -54,7 +58,7 @@ def make_group(rid: str, prompt: list[int], max_tokens: int, arrival: int, prior
     group = RequestGroup(rid, None, prompt, params, STOP_CTX)
     for i in range(n):
         sid = rid if i == 0 else f"{rid}#{i}"
-        group.samples.append(Request(sid, group, Sequence(i, params.for_sample(i), None), list(prompt),
+        group.samples.append(Request(sid, group, i, params.for_sample(i), None, list(prompt),
                                      arrival=arrival + i, priority=priority))
     group.pending_forks = group.samples[1:]
     return group
@@ -69,6 +73,8 @@ def make_request(rid: str, prompt: list[int], max_tokens: int, arrival: int, pri
 class ModelStep:
     scheduled: list[tuple[Request, int]] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    forked: list[tuple[Request, Request]] = field(default_factory=list)  # (parent, child) running
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
 
 
 class SchedulerModel:
@@ -82,10 +88,13 @@ class SchedulerModel:
         self.waiting: list[Request] = []  # fcfs: queue order (head first)
         self.running: list[Request] = []  # admission order
         self.computed: dict[int, int] = {}  # id(request) -> computed tokens
+        self.pending_forks: dict[int, list[Request]] = {}  # id(group) -> samples 1..n-1 not forked
 
     # ---- queues
     def add(self, r: Request) -> None:
         self.waiting.append(r)
+        if r.index == 0 and r.num_output_tokens == 0 and id(r.group) not in self.pending_forks:
+            self.pending_forks[id(r.group)] = list(r.group.samples[1:])
 
     def add_running(self, r: Request) -> bool:
         if len(self.running) >= self.config.max_num_seqs:
@@ -100,6 +109,8 @@ class SchedulerModel:
             self.waiting.remove(r)
         if r.request_id in self.kv.requests:
             self.kv.release(r.request_id)
+        if r.index == 0:
+            self.pending_forks.pop(id(r.group), None)
 
     # ---- the policy
     def policy_order(self) -> list[Request]:
@@ -148,9 +159,7 @@ class SchedulerModel:
                 step.scheduled.append((r, num))
                 granted[id(r)] = num
                 budget -= num
-        if step.preempted:
-            return step
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while not step.preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             r = self.policy_order()[0]
             tokens = list(r.token_ids)
             hit = [] if r.params.prompt_logprobs is not None else self.kv.lookup(tokens, None)
@@ -165,7 +174,28 @@ class SchedulerModel:
             self.computed[id(r)] = len(hit) * self.kv.bs
             step.scheduled.append((r, num))
             budget -= num
+        self.fork(step)
         return step
+
+    def fork(self, step: ModelStep) -> None:
+        """Last in a step: sample 0 completing its prompt forks samples 1..n-1; each shares its
+        blocks and runs below max_num_seqs, else queues at the tail to compute its prompt."""
+        for parent, num in list(step.scheduled):
+            children = self.pending_forks.pop(id(parent.group), None)
+            if not children or parent.index != 0 or self.computed[id(parent)] + num < parent.num_tokens:
+                if children:
+                    self.pending_forks[id(parent.group)] = children
+                continue
+            for child in children:
+                copies = self.kv.fork(parent.request_id, child.request_id)
+                if copies is not None and self.add_running(child):
+                    self.computed[id(child)] = self.computed[id(parent)] + num
+                    step.forked.append((parent, child))
+                    step.block_copies += copies
+                    continue
+                if copies is not None:
+                    self.kv.release(child.request_id)
+                self.add(child)
 
     def advance(self, r: Request, num: int) -> None:
         """The scheduled tokens are computed (call before a new token is appended)."""
@@ -258,7 +288,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         for sample in group.samples:
             if sample.finished or sample in group.pending_forks:
                 continue
-            sample.seq.finish("abort")
+            sample.finish("abort")
             self.scheduler.remove(sample)
             self.model.remove(sample)
         group.pending_forks = []
@@ -283,64 +313,41 @@ class SchedulerMachine(RuleBasedStateMachine):
         out = self.scheduler.schedule()
         self.scheduler.check_invariants(out)
         where = f"step {self.steps} ({self.config.policy}; before it {before})"
-        got_pre, want_pre = _ids(out.preempted), _ids(expected.preempted)
+        got_pre, want_pre = list(out.preempted_req_ids), _ids(expected.preempted)
         assert got_pre == want_pre, f"{where}: preempted {got_pre}, the policy preempts {want_pre}"
-        got = [(s.request.request_id, s.num_new_tokens) for s in out.scheduled]
+        got = list(out.num_scheduled_tokens.items())
         want = [(r.request_id, k) for r, k in expected.scheduled]
         assert got == want, f"{where}: scheduled {got}, the policy schedules {want}"
-        note(f"step {self.steps}: scheduled={got} preempted={got_pre}")
-        self._advance(out, token)
+        got_forks = [(d.fork_of, d.req_id) for d in out.forked_reqs]
+        want_forks = [(p.request_id, c.request_id) for p, c in expected.forked]
+        assert got_forks == want_forks, f"{where}: forked {got_forks} into the running set, the policy {want_forks}"
+        got_copies = [tuple(c) for c in out.block_copies]
+        assert got_copies == expected.block_copies, (
+            f"{where}: fork block copies {got_copies}, the policy's KV model {expected.block_copies}")
+        note(f"step {self.steps}: scheduled={got} preempted={got_pre} forked={got_forks}")
+        self._advance(expected, out, token)
         self.healthy = True
-        return len(out.scheduled)
+        return len(out.num_scheduled_tokens)
 
-    def _advance(self, out, token: int) -> None:
-        ready = []
-        for s in out.scheduled:
-            r = s.request
-            self.model.advance(r, s.num_new_tokens)
-            r.num_computed_tokens += s.num_new_tokens
-            self.kv.cache_full_blocks(r.request_id, r.token_ids, r.num_computed_tokens)
-            if r.num_computed_tokens == r.num_tokens:
-                ready.append(r)
-                if r.seq.index == 0 and r.group.pending_forks and not r.seq.output_ids:
-                    ready += self._fork(r)
-        for r in ready:
-            r.append_token(token)
+    def _advance(self, expected: ModelStep, out, token: int) -> None:
+        """What a correct worker returns for the policy's plan: `token` for every sample whose
+        computed tokens reach its end, and for the samples forked from it."""
+        sampled = []
+        for r, num in expected.scheduled:
+            self.model.advance(r, num)
+            if self.model.computed[id(r)] == r.num_tokens:
+                sampled.append(r)
+                sampled += [c for p, c in expected.forked if p is r]
+        for _, child in expected.forked:
+            self.model.advance(child, 0)
+        runner_output = ModelRunnerOutput(req_ids=[r.request_id for r in sampled],
+                                          sampled_token_ids=[token] * len(sampled), logprobs=[None] * len(sampled))
+        self.scheduler.update_from_output(out, runner_output)
+        for r in sampled:
             if r.finished:
-                self.scheduler.remove(r)
                 self.model.remove(r)
                 if r.group.finished:
                     self.groups.pop(r.group.request_id, None)
-
-    def _fork(self, parent: Request) -> list[Request]:
-        """The engine's fork of samples 1..n-1 once sample 0's prompt is computed: a child shares
-        the parent's blocks and runs if the running set has room; else it queues to recompute."""
-        forked = []
-        for child in parent.group.pending_forks:
-            copies = self.kv.fork(parent.request_id, child.request_id)
-            want_copies = self.model.kv.fork(parent.request_id, child.request_id)
-            got_copies = None if copies is None else [tuple(c) for c in copies]
-            assert got_copies == want_copies, (
-                f"fork {child.request_id}: copies {got_copies}, the policy's KV model {want_copies}")
-            if copies is not None:
-                ok = self.scheduler.add_running(child)
-                want = self.model.add_running(child)
-                assert ok == want, (
-                    f"add_running({child.request_id}) returned {ok} with {len(self.model.running)} running "
-                    f"and max_num_seqs {self.config.max_num_seqs}; the policy returns {want}")
-                if ok:
-                    child.num_computed_tokens = parent.num_computed_tokens
-                    self.model.computed[id(child)] = self.model.computed[id(parent)]
-                    forked.append(child)
-                    continue
-                self.kv.free(child.request_id)
-                self.model.kv.release(child.request_id)
-            self.scheduler.add(child)
-            self.model.add(child)
-        note(f"fork {parent.request_id}: running {_ids(forked)}, queued "
-             f"{_ids(c for c in parent.group.pending_forks if c not in forked)}")
-        parent.group.pending_forks = []
-        return forked
 
     # ---- invariants
     @invariant()

@@ -49,24 +49,9 @@ class Sequence:
     def append(self, token_id: int, prompt_len: int, ctx: StopContext) -> None:
         """Add a sampled token, refresh the text and apply the stop rules."""
         self.output_ids.append(token_id)
-        p = self.params
-        decode = lambda ids: ctx.codec.decode(ids, p.skip_special_tokens)  # noqa: E731
-        self.text = decode(self.output_ids)
-        if len(self.output_ids) >= p.min_tokens:
-            stop_tokens = set(p.stop_token_ids) | (set() if p.ignore_eos else set(ctx.eos_token_ids))
-            if token_id in stop_tokens:
-                if not p.include_stop_str_in_output:
-                    self.text = decode(self.output_ids[:-1])
-                reason = token_id if token_id in p.stop_token_ids else None
-                return self.finish("stop", reason)
-            hit = find_stop_string(self.text, p.stop)
-            if hit is not None:
-                pos, stop_str = hit
-                self.text = self.text[: pos + len(stop_str)] if p.include_stop_str_in_output else self.text[:pos]
-                return self.finish("stop", stop_str)
-        max_tokens = p.max_tokens if p.max_tokens is not None else ctx.max_model_len
-        if len(self.output_ids) >= max_tokens or prompt_len + len(self.output_ids) >= ctx.max_model_len:
-            self.finish("length")
+        self.text, finish_reason, stop_reason = check_stop(self.output_ids, self.params, prompt_len, ctx)
+        if finish_reason is not None:
+            self.finish(finish_reason, stop_reason)
 
     def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
         self.finish_reason, self.stop_reason = reason, stop_reason
@@ -81,6 +66,31 @@ class Sequence:
             finish_reason=self.finish_reason,
             stop_reason=self.stop_reason,
         )
+
+
+def check_stop(output_ids: list[int], params: SamplingParams, prompt_len: int,
+               ctx: StopContext) -> tuple[str, str | None, int | str | None]:
+    """(text, finish_reason, stop_reason) after the last of `output_ids` was appended: the rules
+    of this module's docstring, in order. Shared by both engines (each keeps its own state)."""
+    p = params
+    decode = lambda ids: ctx.codec.decode(ids, p.skip_special_tokens)  # noqa: E731
+    token_id = output_ids[-1]
+    text = decode(output_ids)
+    if len(output_ids) >= p.min_tokens:
+        stop_tokens = set(p.stop_token_ids) | (set() if p.ignore_eos else set(ctx.eos_token_ids))
+        if token_id in stop_tokens:
+            if not p.include_stop_str_in_output:
+                text = decode(output_ids[:-1])
+            return text, "stop", token_id if token_id in p.stop_token_ids else None
+        hit = find_stop_string(text, p.stop)
+        if hit is not None:
+            pos, stop_str = hit
+            text = text[: pos + len(stop_str)] if p.include_stop_str_in_output else text[:pos]
+            return text, "stop", stop_str
+    max_tokens = p.max_tokens if p.max_tokens is not None else ctx.max_model_len
+    if len(output_ids) >= max_tokens or prompt_len + len(output_ids) >= ctx.max_model_len:
+        return text, "length", None
+    return text, None, None
 
 
 def find_stop_string(text: str, stops: list[str]) -> tuple[int, str] | None:
@@ -100,17 +110,23 @@ def draw_base_seed(engine_generator: torch.Generator) -> int:
     return int(torch.randint(0, MAX_SEED, (1,), generator=engine_generator))
 
 
-def make_sequences(params: SamplingParams, base_seed: int) -> list[Sequence]:
-    """The n samples of a request: sample i seeds its generator with seed + i (or base + i)."""
+def sample_seed(params: SamplingParams, base_seed: int, index: int) -> int | None:
+    """The generator seed of sample `index` (its own params): the request's seed, else the
+    engine-drawn base + index; None for greedy samples (they draw nothing)."""
     from ref.sampling_params import MAX_SEED
 
+    if params.greedy:
+        return None
+    return params.seed if params.seed is not None else (base_seed + index) % (MAX_SEED + 1)
+
+
+def make_sequences(params: SamplingParams, base_seed: int) -> list[Sequence]:
+    """The n samples of a request: sample i seeds its generator with seed + i (or base + i)."""
     seqs = []
     for i in range(params.n):
         p = params.for_sample(i)
-        gen = None
-        if not p.greedy:
-            seed = p.seed if p.seed is not None else (base_seed + i) % (MAX_SEED + 1)
-            gen = torch.Generator().manual_seed(seed)
+        seed = sample_seed(p, base_seed, i)
+        gen = None if seed is None else torch.Generator().manual_seed(seed)
         want_lp = p.logprobs is not None
         seqs.append(Sequence(index=i, params=p, generator=gen, logprobs=[] if want_lp else None,
                              cumulative_logprob=0.0 if want_lp else None))

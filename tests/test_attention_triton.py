@@ -90,7 +90,7 @@ def test_engine_runs_on_the_triton_backend(tiny_model_dir) -> None:
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     llm = LLM(tiny_model_dir, attention_backend="triton", device=DEVICE, max_model_len=64, block_size=8,
               max_num_batched_tokens=16, max_num_seqs=4)
-    assert llm.llm_engine.runner.backend.name == "triton"
+    assert llm.llm_engine.executor.driver_call("attention_backend_name") == "triton"
     got = llm.generate(prompts, params, use_tqdm=False)
     oracle = RefLLM(tiny_model_dir, max_model_len=64)
     e = oracle.llm_engine

@@ -1,7 +1,7 @@
 """Scheduling state of one sample (`Request`) and of a user request with n samples (`RequestGroup`).
 
-The per-sample output state and stop rules are the contract's (`ref.sequence.Sequence`, SPEC.md
-"Request lifecycle"); what `fast` adds is where the sample stands in the paged cache:
+The per-sample state is `fast`'s own; the stop rules applied to it are the contract's
+(`ref.sequence.check_stop`, SPEC.md "Request lifecycle"). Where a sample stands in the paged cache:
 
     token_ids:  | prompt ...................... | outputs ....... |
                 |<---- num_computed_tokens ---->|<- to compute ->|
@@ -16,9 +16,9 @@ import time
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from ref.outputs import PromptLogprobs, RequestOutput
+from ref.outputs import CompletionOutput, PromptLogprobs, RequestOutput
 from ref.sampling_params import SamplingParams
-from ref.sequence import Sequence
+from ref.sequence import StopContext, check_stop
 
 
 class Status(enum.Enum):
@@ -43,17 +43,35 @@ class SampleId(NamedTuple):
 
 @dataclass(eq=False)
 class Request:
-    """One sample: the unit the scheduler and the KV cache manager see."""
+    """One sample: the unit the scheduler and the KV cache manager see, with its output state.
+
+    `token_ids` is prompt + outputs; the stop rules are the contract's (`ref.sequence.check_stop`)."""
 
     request_id: SampleId  # the KV cache manager's key for this sample (tests may use any hashable)
     group: "RequestGroup"
-    seq: Sequence
+    index: int  # sample index within the group
+    params: SamplingParams  # this sample's params (its own seed when n > 1)
+    seed: int | None  # generator seed, held by the worker; None for greedy
     token_ids: list[int]  # prompt + generated tokens
     arrival: int  # engine-wide admission counter: FCFS order and preemption tie-break
     priority: int = 0  # lower value = served first (as vLLM)
     num_computed_tokens: int = 0
     status: Status = Status.WAITING
     num_preemptions: int = 0
+    logprobs: list | None = None  # per output token, when params.logprobs is set
+    cumulative_logprob: float | None = None
+    text: str = ""
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    # What the workers hold of this sample: nothing until it is first scheduled; then the first
+    # `num_synced_tokens` tokens and `num_synced_blocks` blocks of its table (0 after a preemption).
+    known_to_workers: bool = False
+    num_synced_tokens: int = 0
+    num_synced_blocks: int = 0
+
+    def __post_init__(self) -> None:
+        if self.params.logprobs is not None and self.logprobs is None:
+            self.logprobs, self.cumulative_logprob = [], 0.0
 
     @property
     def num_tokens(self) -> int:
@@ -64,16 +82,38 @@ class Request:
         return len(self.group.prompt_token_ids)
 
     @property
-    def params(self) -> SamplingParams:
-        return self.seq.params
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
 
     @property
     def finished(self) -> bool:
-        return self.seq.finished
+        return self.finish_reason is not None
 
     def append_token(self, token_id: int) -> None:
+        """Add a sampled token, refresh the text and apply the stop rules."""
         self.token_ids.append(token_id)
-        self.seq.append(token_id, self.num_prompt_tokens, self.group.stop_ctx)
+        self.text, reason, stop_reason = check_stop(self.output_token_ids, self.params, self.num_prompt_tokens,
+                                                    self.group.stop_ctx)
+        if reason is not None:
+            self.finish(reason, stop_reason)
+
+    def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
+        self.finish_reason, self.stop_reason = reason, stop_reason
+
+    def to_output(self) -> CompletionOutput:
+        return CompletionOutput(
+            index=self.index,
+            text=self.text,
+            token_ids=self.output_token_ids,
+            cumulative_logprob=self.cumulative_logprob,
+            logprobs=list(self.logprobs) if self.logprobs is not None else None,
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+        )
 
 
 @dataclass(eq=False)
@@ -84,7 +124,7 @@ class RequestGroup:
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
-    stop_ctx: object
+    stop_ctx: StopContext
     samples: list[Request] = field(default_factory=list)
     # Samples 1..n-1 wait here until sample 0's prompt is computed, then fork from it.
     pending_forks: list[Request] = field(default_factory=list)
@@ -103,6 +143,6 @@ class RequestGroup:
             prompt=self.prompt,
             prompt_token_ids=list(self.prompt_token_ids),
             prompt_logprobs=self.prompt_logprobs,
-            outputs=[s.seq.to_output() for s in self.samples],
+            outputs=[s.to_output() for s in self.samples],
             finished=self.finished,
         )

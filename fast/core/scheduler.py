@@ -13,6 +13,14 @@ running requests:
    prefix-cache lookup skips the cached tokens; the rest (chunked if needed) is allocated all or
    nothing; the first request that does not fit stops admission (no overtaking).
 
+3. then the n > 1 forks: when sample 0's chunk completes its prompt, samples 1..n-1 join the
+   running set sharing its blocks (the partial last block is copied) and sample from its row in
+   this very step; a fork that finds no free block or a full running set queues to recompute.
+
+`schedule()` returns plain data (`fast/core/outputs.py`) for the executor; after the workers ran
+it, `update_from_output()` applies the result: computed tokens, full blocks into the prefix cache,
+sampled tokens and the stop rules, freeing what finished.
+
 Invariants checked by `check_invariants()` after every step: scheduled tokens <= budget;
 running <= max_num_seqs; no request both waiting and running; every running request holds KV
 blocks covering its computed tokens; waiting requests hold none.
@@ -20,42 +28,15 @@ blocks covering its computed tokens; waiting requests hold none.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from fast.core.kv_cache_manager import KVCacheManager, PrefixHit
-from fast.core.request import Request, Status
-
-POLICIES = ("fcfs", "priority")
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_num_seqs: int
-    max_num_batched_tokens: int
-    max_model_len: int
-    enable_chunked_prefill: bool = True
-    long_prefill_token_threshold: int = 0  # 0: a chunk is capped by the budget only
-    policy: str = "fcfs"
-
-    def __post_init__(self) -> None:
-        if self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        if self.max_num_batched_tokens < self.max_num_seqs:
-            raise ValueError(
-                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
-                f"({self.max_num_seqs}): every running request needs at least one token per step"
-            )
-        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
-            raise ValueError(
-                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_model_len "
-                f"({self.max_model_len}) when chunked prefill is off: a whole prompt must fit one step"
-            )
-        if self.long_prefill_token_threshold < 0:
-            raise ValueError(f"long_prefill_token_threshold must be >= 0, got {self.long_prefill_token_threshold}")
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
-
+from fast.config import SchedulerConfig
+from fast.core.kv_cache_manager import BlockCopy, KVCacheManager, PrefixHit
+from fast.core.outputs import CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput
+from fast.core.request import Request, RequestGroup, SampleId, Status
+from ref.outputs import Logprob
 
 @dataclass
 class ScheduledRequest:
@@ -68,13 +49,13 @@ class ScheduledRequest:
 
 
 @dataclass
-class SchedulerOutput:
+class _Plan:
+    """The step being built: live requests, before they are turned into `SchedulerOutput`."""
+
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
-
-    @property
-    def num_scheduled_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
+    forked: list[tuple[Request, Request]] = field(default_factory=list)  # (parent, child)
+    block_copies: list[BlockCopy] = field(default_factory=list)
 
 
 class Scheduler:
@@ -83,12 +64,17 @@ class Scheduler:
         self.kv = kv
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.requests: dict[SampleId, Request] = {}  # every queued or running sample
         self.num_preemptions = 0
+        self.num_generated_tokens = 0
+        self.num_prompt_tokens_computed = 0
+        self._finished_req_ids: list[SampleId] = []  # for the workers, with the next step
 
     # ------------------------------------------------------------------ queues
     def add(self, request: Request) -> None:
         request.status = Status.WAITING
         self.waiting.append(request)
+        self.requests[request.request_id] = request
 
     def add_running(self, request: Request) -> bool:
         """Admit a forked sample that already holds blocks; False if the running set is full."""
@@ -96,6 +82,7 @@ class Scheduler:
             return False
         request.status = Status.RUNNING
         self.running.append(request)
+        self.requests[request.request_id] = request
         return True
 
     def remove(self, request: Request) -> None:
@@ -104,9 +91,7 @@ class Scheduler:
             self.running.remove(request)
         elif request.status is Status.WAITING and request in self.waiting:
             self.waiting.remove(request)
-        if self.kv.has_request(request.request_id):
-            self.kv.free(request.request_id)
-        request.status = Status.FINISHED
+        self._forget(request)
 
     def remove_all(self, requests: list[Request]) -> None:
         """`remove` for many requests (e.g. the samples of an aborted request) in one pass over
@@ -119,20 +104,29 @@ class Scheduler:
         self.waiting.clear()
         self.waiting.extend(kept)
         for request in requests:
-            if self.kv.has_request(request.request_id):
-                self.kv.free(request.request_id)
-            request.status = Status.FINISHED
+            self._forget(request)
+
+    def _forget(self, request: Request) -> None:
+        if self.kv.has_request(request.request_id):
+            self.kv.free(request.request_id)
+        if self.requests.get(request.request_id) is request:
+            del self.requests[request.request_id]
+        if request.known_to_workers:
+            self._finished_req_ids.append(request.request_id)
+            request.known_to_workers = False
+        request.status = Status.FINISHED
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     # ------------------------------------------------------------------ scheduling
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
-        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
-        if not out.preempted:
-            self._schedule_waiting(out, budget)
-        return out
+        plan = _Plan()
+        budget = self._schedule_running(plan, self.config.max_num_batched_tokens)
+        if not plan.preempted:
+            self._schedule_waiting(plan, budget)
+        self._fork(plan)  # last: nothing else allocates after the forks in this step
+        return self._to_output(plan)
 
     def _chunk(self, request: Request, budget: int) -> int:
         num_new = min(request.num_tokens - request.num_computed_tokens, budget)
@@ -140,7 +134,7 @@ class Scheduler:
             num_new = min(num_new, self.config.long_prefill_token_threshold)
         return num_new
 
-    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+    def _schedule_running(self, plan: _Plan, budget: int) -> int:
         scheduled_ids: set[int] = set()
         for request in list(self.running):
             if budget <= 0:
@@ -151,21 +145,21 @@ class Scheduler:
             while not self.kv.allocate_slots(request.request_id, num_new):
                 victim = self._pick_victim()
                 if id(victim) in scheduled_ids:  # give back what it was granted this step
-                    budget += self._unschedule(out, victim)
+                    budget += self._unschedule(plan, victim)
                     scheduled_ids.discard(id(victim))
-                self._preempt(victim, out)
+                self._preempt(victim, plan)
                 if victim is request:
                     break
             else:
-                out.scheduled.append(ScheduledRequest(request, num_new))
+                plan.scheduled.append(ScheduledRequest(request, num_new))
                 scheduled_ids.add(id(request))
                 budget -= num_new
         return budget
 
-    def _unschedule(self, out: SchedulerOutput, victim: Request) -> int:
-        for k, s in enumerate(out.scheduled):
+    def _unschedule(self, plan: _Plan, victim: Request) -> int:
+        for k, s in enumerate(plan.scheduled):
             if s.request is victim:
-                del out.scheduled[k]
+                del plan.scheduled[k]
                 return s.num_new_tokens
         raise AssertionError("victim was not scheduled")
 
@@ -176,23 +170,24 @@ class Scheduler:
         # (n > 1) joins the running set after requests that arrived after its group.
         return self.running[-1]
 
-    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
+    def _preempt(self, request: Request, plan: _Plan) -> None:
         """Preempt by recompute: free all blocks; it restarts from token 0 (prefix hits allowed)."""
         self.running.remove(request)
         self.kv.free(request.request_id)
         request.num_computed_tokens = 0
+        request.num_synced_blocks = 0  # the workers' table is void; it gets a whole new one
         request.num_preemptions += 1
         request.status = Status.WAITING
         self.waiting.appendleft(request)  # each victim is prepended: the last one chosen is first
         self.num_preemptions += 1
-        out.preempted.append(request)
+        plan.preempted.append(request)
 
     def _next_waiting(self) -> Request:
         if self.config.policy == "priority":
             return min(self.waiting, key=lambda r: (r.priority, r.arrival))
         return self.waiting[0]
 
-    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+    def _schedule_waiting(self, plan: _Plan, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self._next_waiting()
             hit = self._lookup(request)
@@ -208,7 +203,7 @@ class Scheduler:
             request.num_computed_tokens = hit.num_computed_tokens
             request.status = Status.RUNNING
             self.running.append(request)
-            out.scheduled.append(ScheduledRequest(request, num_new))
+            plan.scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
 
     def _lookup(self, request: Request) -> PrefixHit:
@@ -217,6 +212,102 @@ class Scheduler:
         if request.params.prompt_logprobs is not None:
             return PrefixHit((), (), 0)
         return self.kv.get_computed_blocks(request.token_ids)
+
+    def _fork(self, plan: _Plan) -> None:
+        """Samples 1..n-1 of a group whose sample 0 completes its prompt in this step: each shares
+        sample 0's blocks (a copy of the partial last one) and runs if the running set has room;
+        otherwise it queues to compute the prompt itself."""
+        for s in list(plan.scheduled):
+            parent = s.request
+            group = parent.group
+            if parent.index != 0 or not group.pending_forks or parent.num_output_tokens:
+                continue
+            if s.start + s.num_new_tokens < parent.num_tokens:
+                continue  # a chunk that does not reach the prompt's end samples nothing yet
+            for child in group.pending_forks:
+                copies = self.kv.fork(parent.request_id, child.request_id)
+                if copies is not None and self.add_running(child):
+                    child.num_computed_tokens = s.start + s.num_new_tokens
+                    plan.block_copies += copies
+                    plan.forked.append((parent, child))
+                    continue
+                if copies is not None:
+                    self.kv.free(child.request_id)
+                self.add(child)
+            group.pending_forks = []
+
+    # ------------------------------------------------------------------ the step's plain data
+    def _to_output(self, plan: _Plan) -> SchedulerOutput:
+        out = SchedulerOutput(
+            preempted_req_ids=[r.request_id for r in plan.preempted],
+            block_copies=plan.block_copies,
+        )
+        for s in plan.scheduled:
+            r = s.request
+            out.num_scheduled_tokens[r.request_id] = s.num_new_tokens
+            if r.known_to_workers:
+                out.scheduled_cached_reqs.append(self._cached_data(r))
+            else:
+                out.scheduled_new_reqs.append(self._new_data(r))
+        for parent, child in plan.forked:
+            out.forked_reqs.append(self._new_data(child, fork_of=parent.request_id))
+        if not out.is_empty:  # else the finished ids wait for a step that reaches the workers
+            out.finished_req_ids, self._finished_req_ids = self._finished_req_ids, []
+        return out
+
+    def _new_data(self, r: Request, fork_of: SampleId | None = None) -> NewRequestData:
+        table = self.kv.get_block_table(r.request_id)
+        r.known_to_workers, r.num_synced_tokens, r.num_synced_blocks = True, r.num_tokens, len(table)
+        # Prompt logprobs belong to the group: sample 0 computes them (a fork never does).
+        prompt_logprobs = r.params.prompt_logprobs if r.index == 0 else None
+        return NewRequestData(r.request_id, list(r.token_ids), r.num_prompt_tokens, r.params, r.seed, table,
+                              r.num_computed_tokens, prompt_logprobs, fork_of)
+
+    def _cached_data(self, r: Request) -> CachedRequestData:
+        table = self.kv.get_block_table(r.request_id)
+        resumed = r.num_synced_blocks == 0
+        data = CachedRequestData(r.request_id, r.token_ids[r.num_synced_tokens:], table[r.num_synced_blocks:],
+                                 r.num_computed_tokens, resumed)
+        r.num_synced_tokens, r.num_synced_blocks = r.num_tokens, len(table)
+        return data
+
+    # ------------------------------------------------------------------ after the step ran
+    def update_from_output(self, out: SchedulerOutput, runner_output: ModelRunnerOutput) -> list[RequestGroup]:
+        """Apply one executed step: advance computed tokens, cache newly full blocks, record
+        prompt logprobs, append sampled tokens under the stop rules, free finished samples.
+        Returns the user requests that changed, in batch order."""
+        touched: dict[str, RequestGroup] = {}
+        for req_id, num_new in out.num_scheduled_tokens.items():
+            r = self.requests.get(req_id)
+            if r is None or r.status is not Status.RUNNING:  # aborted while the step ran
+                continue
+            start = r.num_computed_tokens
+            if r.index == 0 and r.params.prompt_logprobs is not None:
+                _add_prompt_logprobs(r.group, runner_output.prompt_logprobs.get(req_id, []))
+            self.num_prompt_tokens_computed += max(0, min(start + num_new, r.num_prompt_tokens) - start)
+            r.num_computed_tokens += num_new
+            self.kv.cache_full_blocks(r.request_id, r.token_ids, r.num_computed_tokens)
+            touched[r.group.request_id] = r.group
+        now = time.perf_counter()
+        for req_id, token, entry in zip(runner_output.req_ids, runner_output.sampled_token_ids,
+                                        runner_output.logprobs):
+            r = self.requests.get(req_id)
+            if r is None or r.finished:
+                continue
+            if entry is not None:
+                r.logprobs.append(_with_text(entry, r.group))
+                r.cumulative_logprob += entry[token].logprob
+            r.append_token(token)
+            self.num_generated_tokens += 1
+            group = r.group
+            touched[group.request_id] = group
+            if group.first_token_time is None:
+                group.first_token_time = now
+            if r.finished:
+                self.remove(r)
+                if group.finished:
+                    group.finish_time = now
+        return list(touched.values())
 
     # ------------------------------------------------------------------ invariants
     def check_invariants(self, out: SchedulerOutput | None = None) -> None:
@@ -230,9 +321,21 @@ class Scheduler:
         for r in self.waiting:
             assert r.status is Status.WAITING and not self.kv.has_request(r.request_id)
         if out is not None:
-            assert out.num_scheduled_tokens <= cfg.max_num_batched_tokens, (
-                out.num_scheduled_tokens, cfg.max_num_batched_tokens)
-            assert len({id(s.request) for s in out.scheduled}) == len(out.scheduled), "scheduled twice"
-            for s in out.scheduled:
-                assert s.num_new_tokens >= 1 and id(s.request) in running_ids
+            assert out.total_num_scheduled_tokens <= cfg.max_num_batched_tokens, (
+                out.total_num_scheduled_tokens, cfg.max_num_batched_tokens)
+            running = {r.request_id for r in self.running}
+            for req_id, num_new in out.num_scheduled_tokens.items():
+                assert num_new >= 1 and req_id in running, (req_id, num_new)
         self.kv.check_invariants()
+
+
+def _with_text(entry: dict[int, Logprob], group: RequestGroup) -> dict[int, Logprob]:
+    """A worker's logprobs entry with each token's decoded text (workers hold no tokenizer)."""
+    token_text = group.stop_ctx.codec.token_text
+    return {t: Logprob(lp.logprob, lp.rank, token_text(t)) for t, lp in entry.items()}
+
+
+def _add_prompt_logprobs(group: RequestGroup, entries: list[dict[int, Logprob]]) -> None:
+    if group.prompt_logprobs is None:
+        group.prompt_logprobs = [None]  # nothing predicts the first prompt token
+    group.prompt_logprobs += [_with_text(e, group) for e in entries]

@@ -36,11 +36,19 @@ class LLM:
         max_logprobs=20                 largest logprobs / prompt_logprobs a request may ask
         max_n=128                       largest SamplingParams.n a request may ask
         skip_tokenizer_init=False       no tokenizer: token-id prompts only, empty text
+        tensor_parallel_size=1          ranks the model is split across (column/row-parallel
+                                        layers, KV heads split; one worker per rank)
+        distributed_executor_backend=None  "uni" (in-process), "mp" (a process per rank,
+                                        torch.distributed) or "ray"; None: uni for 1, mp for more
     """
 
     def __init__(self, model: str, **options: Any):
         self.llm_engine = LLMEngine(EngineConfig.from_options(model, options))
         self._next_id = 0
+
+    def shutdown(self) -> None:
+        """Stop the workers (with tensor_parallel_size > 1, their processes exit)."""
+        self.llm_engine.shutdown()
 
     def get_tokenizer(self):
         return self.llm_engine.codec.tokenizer

@@ -37,9 +37,8 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __init__(self, eos_token_ids: tuple[int, ...], token_text=lambda t: None):
+    def __init__(self, eos_token_ids: tuple[int, ...]):
         self.eos_token_ids = tuple(eos_token_ids)
-        self.token_text = token_text
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         """logits: fp32 [S, vocab], one row per entry of `rows`."""
@@ -129,18 +128,18 @@ class Sampler:
         k_max = max(rows[i].params.logprobs for i in want)
         top = torch.sort(lp, dim=-1, descending=True, stable=True).indices[:, :k_max].tolist() if k_max else None
         for j, i in enumerate(want):
-            entries[i] = logprob_entry(lp[j], tokens[i], top[j][: rows[i].params.logprobs] if top else [],
-                                       self.token_text)
+            entries[i] = logprob_entry(lp[j], tokens[i], top[j][: rows[i].params.logprobs] if top else [])
             sampled[i] = entries[i][tokens[i]].logprob
         return entries, sampled
 
 
-def logprob_entry(row: torch.Tensor, token_id: int, top_ids: list[int], token_text) -> dict[int, Logprob]:
-    """{token: Logprob}: `token_id` first, then `top_ids`; rank = 1 + #strictly greater."""
+def logprob_entry(row: torch.Tensor, token_id: int, top_ids: list[int]) -> dict[int, Logprob]:
+    """{token: Logprob}: `token_id` first, then `top_ids`; rank = 1 + #strictly greater. The text
+    is left None: workers hold no tokenizer (the scheduler adds it)."""
     ids = [token_id, *top_ids]
     values = row[ids]
     ranks = (row[None, :] > values[:, None]).sum(dim=-1) + 1
-    return {t: Logprob(float(v), int(rk), token_text(t)) for t, v, rk in zip(ids, values.tolist(), ranks.tolist())}
+    return {t: Logprob(float(v), int(rk)) for t, v, rk in zip(ids, values.tolist(), ranks.tolist())}
 
 
 def _has_penalty(p: SamplingParams) -> bool:
