@@ -1,6 +1,6 @@
 """Scheduler step cost without a model: how much CPU time planning one step takes.
 
-Drives `fast.scheduler.Scheduler` over a real `KVCacheManager` with 64 requests decoding
+Drives `fast.core.scheduler.Scheduler` over a real `KVCacheManager` with 64 requests decoding
 (and a stream of prefills), the engine's bookkeeping done by hand as in the state machine.
 """
 

@@ -32,15 +32,17 @@ def test_clean_engine_passes_the_checks_used_below(tiny_model_dir):
 
 
 def test_off_by_one_slot_is_caught(tiny_model_dir, monkeypatch):
-    from fast.core.kv_cache_manager import KVCacheManager
+    from fast.worker.model_runner import ModelRunner
 
-    original = KVCacheManager.slot_mapping
+    original = ModelRunner.prepare
 
-    def shifted(self, request_id, start, end):
-        total = self.config.num_blocks * self.block_size
-        return [(s + 1) % total for s in original(self, request_id, start, end)]
+    def shifted(self, scheduler_output):
+        inputs = original(self, scheduler_output)
+        total = self.kv_caches[0][0].shape[0] * self.block_size
+        inputs.slot_mapping = (inputs.slot_mapping + 1) % total
+        return inputs
 
-    monkeypatch.setattr(KVCacheManager, "slot_mapping", shifted)
+    monkeypatch.setattr(ModelRunner, "prepare", shifted)
     result = run("e2e", "workloads_vs_oracle", tiny_model_dir)
     assert result.status == "failed"
     assert "differs" in result.message and "oracle" in result.message  # names the token and both values
@@ -85,20 +87,24 @@ def test_refcount_not_decremented_is_caught(tiny_model_dir, monkeypatch):
 def test_wrong_rope_position_after_preemption_is_caught(tiny_model_dir, monkeypatch):
     from fast.worker.model_runner import ModelRunner
 
-    original = ModelRunner.prepare
+    original_prepare, original_update = ModelRunner.prepare, ModelRunner._update_state
+    resumed: set = set()
 
-    def prepare(self, scheduled, kv):
-        inputs = original(self, scheduled, kv)
-        row = 0
-        for s in scheduled:
+    def update_state(self, cached):
+        if cached.resumed:
+            resumed.add(cached.req_id)
+        original_update(self, cached)
+
+    def prepare(self, scheduler_output):
+        inputs = original_prepare(self, scheduler_output)
+        for st, row, _, length in inputs.chunks:
             # The recompute after a preemption places the recomputed tokens one position late;
             # later decodes are placed right, so relative distances are wrong.
-            if s.request.num_preemptions and s.start + s.num_new_tokens < s.request.num_tokens + 1 \
-                    and s.num_new_tokens > 1:
-                inputs.positions[row: row + s.num_new_tokens] += 1
-            row += s.num_new_tokens
+            if st.req_id in resumed and length > 1:
+                inputs.positions[row: row + length] += 1
         return inputs
 
+    monkeypatch.setattr(ModelRunner, "_update_state", update_state)
     monkeypatch.setattr(ModelRunner, "prepare", prepare)
     result = run("e2e", "workloads_vs_oracle", tiny_model_dir)
     assert result.status == "failed"
@@ -106,13 +112,13 @@ def test_wrong_rope_position_after_preemption_is_caught(tiny_model_dir, monkeypa
 
 
 def test_seed_ignored_in_batch_is_caught(tiny_model_dir, monkeypatch):
-    import fast.engine.llm_engine
+    import fast.worker.model_runner
     from fast.worker.sampler import SamplingRow
 
     def unseeded_row(params, prompt_ids, output_ids, generator):
         return SamplingRow(params, prompt_ids, output_ids, None if generator is None else torch.default_generator)
 
-    monkeypatch.setattr(fast.engine.llm_engine, "SamplingRow", unseeded_row)
+    monkeypatch.setattr(fast.worker.model_runner, "SamplingRow", unseeded_row)
     result = run("determinism", "batch_invariance", tiny_model_dir)
     assert result.status == "failed"
     assert "differs" in result.message
@@ -223,13 +229,14 @@ def test_priority_ties_by_queue_position_is_caught(tiny_model_dir, monkeypatch):
 
 
 def test_admission_after_preemption_is_caught(tiny_model_dir, monkeypatch):
-    from fast.core.scheduler import Scheduler, SchedulerOutput
+    from fast.core.scheduler import Scheduler, _Plan
 
     def schedule(self):
-        out = SchedulerOutput()
-        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
-        self._schedule_waiting(out, budget)  # admits even in a step that preempted
-        return out
+        plan = _Plan()
+        budget = self._schedule_running(plan, self.config.max_num_batched_tokens)
+        self._schedule_waiting(plan, budget)  # admits even in a step that preempted
+        self._fork(plan)
+        return self._to_output(plan)
 
     monkeypatch.setattr(Scheduler, "schedule", schedule)
     _scheduler_fails(tiny_model_dir)
@@ -259,7 +266,11 @@ def test_forks_ignore_max_num_seqs_is_caught(tiny_model_dir, monkeypatch):
         return True
 
     monkeypatch.setattr(Scheduler, "add_running", add_running)
-    _scheduler_fails(tiny_model_dir)
+    # Forks join inside schedule(), so the scheduler's own invariant check (run by the machine
+    # right after it) is the first to see the overfull running set.
+    result = run("scheduler", "state_machine", tiny_model_dir, seed=None)
+    assert result.status == "failed", "the planted scheduler bug went unnoticed"
+    assert "running > max_num_seqs" in result.message or "the policy" in result.message, result.message
 
 
 def test_prefix_hit_for_prompt_logprobs_is_caught(tiny_model_dir, monkeypatch):
@@ -274,57 +285,55 @@ def test_prefix_hit_for_prompt_logprobs_is_caught(tiny_model_dir, monkeypatch):
 def test_topk_values_on_wrong_tokens_is_caught(tiny_model_dir, monkeypatch):
     """The right top-k values, but attached to the top-k tokens in reverse order: the sampled
     token's logprob and the sorted values are all correct, only the token ids are not."""
-    import fast.engine.llm_engine
+    import fast.worker.model_runner
     import fast.worker.sampler
     from ref.outputs import Logprob
 
-    original = fast.sampler.logprob_entry
+    original = fast.worker.sampler.logprob_entry
 
-    def misattributed(row, token_id, top_ids, token_text):
-        entry = original(row, token_id, top_ids, token_text)
+    def misattributed(row, token_id, top_ids):
+        entry = original(row, token_id, top_ids)
         top = [t for t in top_ids if t != token_id]
         good = [entry[t] for t in top]
         out = {token_id: entry[token_id]}
         for t, lp in zip(reversed(top), good):
-            out[t] = Logprob(lp.logprob, lp.rank, token_text(t))
+            out[t] = Logprob(lp.logprob, lp.rank)
         return out
 
     monkeypatch.setattr(fast.worker.sampler, "logprob_entry", misattributed)
-    monkeypatch.setattr(fast.engine.llm_engine, "logprob_entry", misattributed)
+    monkeypatch.setattr(fast.worker.model_runner, "logprob_entry", misattributed)
     result = run("e2e", "workloads_vs_oracle", tiny_model_dir)
     assert result.status == "failed"
     assert "logprobs[" in result.message and "oracle" in result.message
 
 
 def test_logprob_rank_off_by_one_is_caught(tiny_model_dir, monkeypatch):
-    import fast.engine.llm_engine
+    import fast.worker.model_runner
     import fast.worker.sampler
     from ref.outputs import Logprob
 
-    original = fast.sampler.logprob_entry
+    original = fast.worker.sampler.logprob_entry
 
-    def counts_itself(row, token_id, top_ids, token_text):  # rank = 1 + #(>=), not 1 + #(>)
+    def counts_itself(row, token_id, top_ids):  # rank = 1 + #(>=), not 1 + #(>)
         return {t: Logprob(lp.logprob, lp.rank + 1, lp.decoded_token)
-                for t, lp in original(row, token_id, top_ids, token_text).items()}
+                for t, lp in original(row, token_id, top_ids).items()}
 
     monkeypatch.setattr(fast.worker.sampler, "logprob_entry", counts_itself)
-    monkeypatch.setattr(fast.engine.llm_engine, "logprob_entry", counts_itself)
+    monkeypatch.setattr(fast.worker.model_runner, "logprob_entry", counts_itself)
     result = run("e2e", "workloads_vs_oracle", tiny_model_dir)
     assert result.status == "failed"
     assert "rank" in result.message
 
 
 def test_decoded_token_of_the_wrong_token_is_caught(tiny_model_dir, monkeypatch):
-    import fast.engine.llm_engine
-    import fast.worker.sampler
+    import fast.core.scheduler
+    from ref.outputs import Logprob
 
-    original = fast.sampler.logprob_entry
+    def shifted_text(entry, group):  # each token gets the text of the next token id
+        token_text = group.stop_ctx.codec.token_text
+        return {t: Logprob(lp.logprob, lp.rank, token_text(t + 1)) for t, lp in entry.items()}
 
-    def shifted_text(row, token_id, top_ids, token_text):
-        return original(row, token_id, top_ids, lambda t: token_text(t + 1))
-
-    monkeypatch.setattr(fast.worker.sampler, "logprob_entry", shifted_text)
-    monkeypatch.setattr(fast.engine.llm_engine, "logprob_entry", shifted_text)
+    monkeypatch.setattr(fast.core.scheduler, "_with_text", shifted_text)
     result = run("e2e", "workloads_vs_oracle", tiny_model_dir)
     assert result.status == "failed"
     assert "decoded_token" in result.message
@@ -350,7 +359,8 @@ def test_engine_never_reporting_a_finished_request_is_caught(tiny_model_dir, mon
 
     def collect(self, touched):  # forgets the final output: the request vanishes unreported
         outputs = []
-        for rid, group in touched.items():
+        for group in touched:
+            rid = group.request_id
             if self.groups.get(rid) is not group:
                 continue
             if group.finished:
@@ -382,7 +392,7 @@ def test_seeded_request_depending_on_other_seeds_is_caught(tiny_model_dir, monke
     import fast.engine.llm_engine
     from fast.engine.llm import LLM
     from ref.sampling_params import SamplingParams
-    from ref.sequence import make_sequences
+    from ref.sequence import sample_seed
 
     batch_seeds: list[int] = []
     original_generate = LLM.generate
@@ -392,12 +402,12 @@ def test_seeded_request_depending_on_other_seeds_is_caught(tiny_model_dir, monke
         batch_seeds[:] = [p.seed for p in params if p is not None and p.seed is not None]
         return original_generate(self, prompts, sampling_params, *args, **kwargs)
 
-    def batch_keyed(params, base_seed):
+    def batch_keyed(params, base_seed, index):
         if params.seed is not None and batch_seeds:
             params = SamplingParams(**{**params.__dict__, "seed": hash(tuple(batch_seeds)) % 2**32})
-        return make_sequences(params, base_seed)
+        return sample_seed(params, base_seed, index)
 
-    monkeypatch.setattr(fast.engine.llm_engine, "make_sequences", batch_keyed)
+    monkeypatch.setattr(fast.engine.llm_engine, "sample_seed", batch_keyed)
     monkeypatch.setattr(LLM, "generate", generate)
     # It shows only for a seeded target that truly samples (not top_k=1) beside seeded requests:
     # more examples than the other plants (Hypothesis' draws also differ with the tests run before).
@@ -412,7 +422,7 @@ def test_prompt_of_exactly_max_model_len_rejected_is_caught(tiny_model_dir, monk
     SPEC §5 says yields one token) is refused."""
     import fast.engine.llm_engine
 
-    original = fast.engine.validate_request
+    original = fast.engine.llm_engine.validate_request
 
     def off_by_one(processed, params, limits, has_tokenizer):
         if len(processed.prompt_token_ids) >= limits.max_model_len:
