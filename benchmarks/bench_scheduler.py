@@ -1,7 +1,8 @@
 """Scheduler step cost without a model: how much CPU time planning one step takes.
 
 Drives `fast.core.scheduler.Scheduler` over a real `KVCacheManager` with 64 requests decoding
-(and a stream of prefills), the engine's bookkeeping done by hand as in the state machine.
+(and a stream of prefills): schedule() and update_from_output() with the ModelRunnerOutput a
+worker would return (token 1 for every sample that completes), as in the state machine.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import pytest
 
 from conformance.scheduler_machine import make_request
 from fast.core.kv_cache_manager import KVCacheConfig, KVCacheManager
+from fast.core.outputs import ModelRunnerOutput
 from fast.core.scheduler import Scheduler, SchedulerConfig
 
 
@@ -23,15 +25,10 @@ def _scheduler(num_requests: int, prompt_len: int) -> Scheduler:
 
 def _step(s: Scheduler) -> int:
     out = s.schedule()
-    for item in out.scheduled:
-        r = item.request
-        r.num_computed_tokens += item.num_new_tokens
-        s.kv.cache_full_blocks(r.request_id, r.token_ids, r.num_computed_tokens)
-        if r.num_computed_tokens == r.num_tokens:
-            r.append_token(1)
-            if r.finished:
-                s.remove(r)
-    return len(out.scheduled)
+    sampling = [rid for rid, n in out.num_scheduled_tokens.items()
+                if s.requests[rid].num_computed_tokens + n == s.requests[rid].num_tokens]
+    s.update_from_output(out, ModelRunnerOutput(sampling, [1] * len(sampling), [None] * len(sampling)))
+    return len(out.num_scheduled_tokens)
 
 
 @pytest.mark.parametrize("num_requests", [16, 64])

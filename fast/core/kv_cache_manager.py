@@ -347,7 +347,8 @@ class KVCacheManager:
 
         The child shares the parent's full blocks (ref_cnt + 1); the parent's partly filled last
         block, if any, is copied into one fresh block: the returned `BlockCopy` tells the runner
-        which KV to copy. Call only once the parent's KV is written (between steps).
+        which KV to copy; the model runner copies it after the forward pass that writes the
+        parent's KV (the scheduler forks at the end of the step in which the prompt completes).
         Returns the copies ([] when the parent's tokens fill whole blocks), or None, with no
         side effect, when no block is free for the copy.
         """
