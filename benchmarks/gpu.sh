@@ -7,7 +7,7 @@
 #
 # Uses $PYTHON (default python3) when it imports a CUDA torch and triton; otherwise makes a venv
 # in $TMPDIR and pip-installs torch and triton (needs the network). Budget: under 5 minutes on
-# an H200 (tests <= 140 s, bandwidth <= 110 s, a fresh torch install ~1 min).
+# an H200 (tests <= 140 s, engine check <= 120 s, bandwidth <= 110 s, a fresh torch install ~1 min).
 # Exit status: non-zero when the tests or the measurement failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -53,9 +53,14 @@ HYPOTHESIS_PROFILE=ci timeout 140 "$PY" -m pytest -q -p no:cacheprovider \
 tests_rc=${PIPESTATUS[0]}
 log "tests exit status $tests_rc"
 
+log "the engine on the GPU vs the oracle (mp executor with NCCL, TP=1; and uni)"
+timeout 120 "$PY" benchmarks/gpu_engine_check.py --out "$OUT_DIR" 2>&1 | tee "$OUT_DIR/gpu_engine_check.txt"
+engine_rc=${PIPESTATUS[0]}
+log "engine check exit status $engine_rc"
+
 log "decode bandwidth"
 timeout 110 "$PY" benchmarks/gpu_bandwidth.py --out "$OUT_DIR" 2>&1 | tee "$OUT_DIR/gpu_bandwidth.txt"
 bench_rc=${PIPESTATUS[0]}
 log "bandwidth exit status $bench_rc; report: $OUT_DIR/gpu_bandwidth.md"
 
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+[ "$tests_rc" -eq 0 ] && [ "$engine_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

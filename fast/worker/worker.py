@@ -32,9 +32,10 @@ class Worker:
         self.model_runner: ModelRunner | None = None
 
     def init_device(self) -> None:
-        """Join the process group of all ranks (nothing to join with one rank)."""
+        """Join the process group of all ranks (none in-process; `mp`/`ray` with one rank still
+        make a one-rank group, so TP=1 exercises the distributed path, NCCL on a GPU)."""
         world_size = self.config.parallel.world_size
-        if world_size == 1:
+        if self.config.parallel.executor_backend == "uni":
             return
         from fast.worker.parallel import ParallelContext
 
