@@ -233,6 +233,19 @@ class AsyncLLMEngine:
     def dead_error(self) -> BaseException | None:
         return self._dead
 
+    def check_health(self) -> bool:
+        """`is_running`, after asking the executor whether its workers still live (cheap, takes no
+        lock: a worker process that died while no step ran is seen here, not at the next request).
+        A dead worker kills the engine: waiting requests get EngineDeadError. Call on the loop."""
+        if self._dead is None:
+            check = getattr(getattr(self.engine, "executor", None), "check_health", None)
+            if check is not None:
+                try:
+                    check()
+                except Exception as exc:  # noqa: BLE001 - WorkerDiedError, or whatever the executor says
+                    self._die(exc)
+        return self._dead is None
+
     @property
     def num_in_flight(self) -> int:
         return len(self._tracked)
@@ -449,7 +462,8 @@ class AsyncLLMEngine:
                 self._notify(tracked, output, aborted=False, now=now)
 
     def _die(self, exc: BaseException) -> None:
-        self._dead = exc
+        if self._dead is None:  # the first failure is the cause (a health check may see it first)
+            self._dead = exc
         for tracked in self._tracked.values():
             tracked.stream._fail(exc)
         self._tracked.clear()

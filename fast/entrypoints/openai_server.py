@@ -7,7 +7,7 @@ Endpoints:
         `data: [DONE]`; usage counts ride on the last chunk (or, with
         stream_options.include_usage, on a final chunk with no choices, as OpenAI does)
     GET  /v1/models             the one served model
-    GET  /health                200 while the engine loop is alive, else 503
+    GET  /health                200 while the engine loop and its workers are alive, else 503
     GET  /metrics               Prometheus text (fast/entrypoints/server_metrics.py)
 
 Errors: OpenAI's body `{"error": {"message", "type", "param", "code"}}`; 400 for malformed JSON,
@@ -137,7 +137,7 @@ def build_app(engine: LLMEngine | AsyncLLMEngine, served_model_name: str,
 
     @app.get("/health")
     async def health() -> Response:
-        if not async_engine.is_running:
+        if not async_engine.check_health():  # also sees a worker process that died while idle
             return JSONResponse(_server_error(async_engine.dead_error).body(), status_code=503)
         return Response(status_code=200)
 
