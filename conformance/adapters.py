@@ -108,6 +108,32 @@ class FastAdapter:
         return engine.kv.num_free_blocks == engine.num_blocks
 
 
+class FastTP2Adapter(FastAdapter):
+    """fast with tensor_parallel_size=2: the model split over two worker processes (`mp`
+    executor, torch.distributed: gloo on CPU, NCCL on CUDA); the scheduler, allocator and sampler
+    hooks are fast's (they do not depend on the split), `model_logits` gathers over the ranks.
+    Every engine it builds (`make_engine`) is TP=2 too; building one shuts the previous one down
+    (the suite drives one at a time), so worker processes do not pile up until collected."""
+
+    name = "fast-tp2"
+    TENSOR_PARALLEL_SIZE = 2
+
+    def __init__(self, model_dir: str, **options: Any):
+        super().__init__(model_dir, **{"tensor_parallel_size": self.TENSOR_PARALLEL_SIZE, **options})
+        self._made = None
+
+    def make_engine(self, **options):
+        if self._made is not None:
+            self._made.shutdown()
+        self._made = super().make_engine(**options)
+        return self._made
+
+    def shutdown(self) -> None:
+        if self._made is not None:
+            self._made.shutdown()
+        self.llm.shutdown()
+
+
 class HFAdapter:
     """transformers `generate`, one request at a time (batch of one, so no padding effects).
     SamplingParams it cannot express raise NotImplementedError naming the field."""
@@ -281,7 +307,8 @@ class HFContinuousAdapter(HFAdapter):
         return outs
 
 
-ADAPTERS = {"ref": RefAdapter, "fast": FastAdapter, "hf": HFAdapter, "hf-cb": HFContinuousAdapter}
+ADAPTERS = {"ref": RefAdapter, "fast": FastAdapter, "fast-tp2": FastTP2Adapter, "hf": HFAdapter,
+            "hf-cb": HFContinuousAdapter}
 
 
 def check_engine_spec(spec: str) -> None:
