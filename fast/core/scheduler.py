@@ -325,7 +325,8 @@ class Scheduler:
                 out.total_num_scheduled_tokens, cfg.max_num_batched_tokens)
             running = {r.request_id for r in self.running}
             for req_id, num_new in out.num_scheduled_tokens.items():
-                assert num_new >= 1 and req_id in running, (req_id, num_new)
+                assert num_new >= 1, f"{req_id!r} scheduled with {num_new} tokens (at least 1)"
+                assert req_id in running, f"{req_id!r} scheduled but not running"
         self.kv.check_invariants()
 
 
