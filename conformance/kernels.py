@@ -206,7 +206,7 @@ def check_backend_matches_reference(backend: AttentionBackend, batch: PagedBatch
     atol, rtol = ATTENTION_TOL[batch.spec.dtype]
     start = 0
     for i, (seq, expected) in enumerate(zip(batch.spec.seqs, expected_outputs(batch))):
-        actual = out[start : start + seq.query_len].cpu()
+        actual, expected = out[start : start + seq.query_len].cpu(), expected.cpu()
         name = f"{label or backend.name} sequence {i} (query_len={seq.query_len}, seq_len={seq.seq_len}) [query, head, dim]"
         assert_close(name, actual, expected, atol, rtol)
         start += seq.query_len
@@ -452,8 +452,9 @@ class KernelTier:
         return paths
 
     def run(self, name: str, spec: BatchSpec, num_kv_splits: int | None = None) -> set[str]:
-        """Check one batch on a backend (or its split-KV twin) and record the paths it reached."""
-        batch = build_batch(spec)
+        """Check one batch on a backend (or its split-KV twin) and record the paths it reached.
+        The batch is built on the backend's device (Triton on CUDA reads CUDA tensors)."""
+        batch = build_batch(spec, device=str(getattr(self.backends[name], "device", "cpu")))
         label = name if num_kv_splits is None else f"{name}(num_kv_splits={num_kv_splits})"
         paths = self.paths(name, num_kv_splits, batch)
         if currently_in_test_context():
