@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             ctrl_c.raise_if_pressed()  # a Ctrl-C swallowed inside the check: its result is void
             results.append(r)
             status = f"failed ({r.message.split(',')[0]})" if r.message.startswith("timeout after") else r.status
-            print(f"  [{status:>6}] {r.tier}/{r.check}: {r.examples} examples, {r.seconds:.1f}s", flush=True)
+            targeted = f" ({r.targeted} targeted)" if r.targeted else ""
+            print(f"  [{status:>6}] {r.tier}/{r.check}: {r.examples} examples{targeted}, {r.seconds:.1f}s", flush=True)
             if r.status == "failed":
                 print("    " + r.message.strip().replace("\n", "\n    ")[:4000])
                 print(f"    replay: {replay}")

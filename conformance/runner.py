@@ -25,12 +25,13 @@ class CheckResult:
     tier: str
     check: str
     status: str  # "passed" | "failed" | "n/a"
-    examples: int
+    examples: int  # every example run: the targeted ones and Hypothesis' (discarded ones not counted)
     seconds: float
     message: str = ""
     settings: dict = field(default_factory=dict)
     replay: str = ""
     coverage: dict = field(default_factory=dict)  # feature/path -> examples that reached it
+    targeted: int = 0  # of `examples`, the fixed cases run before the drawn ones
 
 
 # Health checks left on: a generator that discards too much (filter_too_much) or cannot make
@@ -63,6 +64,7 @@ def run_check(check: Check, ctx: Context, seed: int | None, shrink: bool, replay
     `seconds` is the wall time of the whole check (starting the engine process included)."""
     t0 = time.perf_counter()
     count = [0]
+    targeted = 0
     first_failure: list[str] = []  # shown if the engine then fails hard (e.g. times out while shrinking)
     covered: dict = {}
     cfg = _settings(ctx, seed, shrink, check.example_scale)
@@ -74,10 +76,14 @@ def run_check(check: Check, ctx: Context, seed: int | None, shrink: bool, replay
             engine.begin(timeout)
             ctx.adapter, ctx.make_adapter = engine.adapter, engine.make_adapter
         built, body = check.build(ctx)
+        targeted = _targeted_of(built, body)
+        count[0] += targeted
         if check.stateful:
             for machine in built:
                 counted = type(machine.__name__, (machine,), {
                     "__init__": lambda self, _m=machine: (count.__setitem__(0, count[0] + 1), _m.__init__(self))[1]})
+                if seed is not None:  # as for the other checks: the same seed, the same runs
+                    counted = hyp_seed(seed)(counted)
                 run_state_machine_as_test(counted, settings=cfg)
         else:
             @cfg
@@ -108,18 +114,28 @@ def run_check(check: Check, ctx: Context, seed: int | None, shrink: bool, replay
         if first_failure:
             message += "\nbefore that, this example had failed:\n" + first_failure[0]
         return CheckResult(check.tier, check.name, "failed", count[0], time.perf_counter() - t0, message, info, replay,
-                           covered)
+                           covered, targeted)
     except Exception as err:  # noqa: BLE001 - a failed check of any kind is reported, not raised
         message = _failure_text(err)
         if not message.strip() or message.startswith("AssertionError: \n"):
             message += "\n" + traceback.format_exc(limit=-3)
         return CheckResult(check.tier, check.name, "failed", count[0], time.perf_counter() - t0, message, info, replay,
-                           covered)
+                           covered, targeted)
     finally:
         if engine is not None:
             engine.end()
     return CheckResult(check.tier, check.name, "passed", count[0], time.perf_counter() - t0, "", info, replay,
-                       covered)
+                       covered, targeted)
+
+
+def _targeted_of(built: Any, body: Any) -> int:
+    """How many fixed cases the check ran (or will run) besides the drawn examples: `targeted` on
+    the body function or its object (e2e, kernel), or on the stateful run (allocator scenarios)."""
+    for holder in (body, getattr(body, "__self__", None), built):
+        n = getattr(holder, "targeted", None)
+        if isinstance(n, int):
+            return n
+    return 0
 
 
 def _coverage_of(built: Any, body: Any):
@@ -140,12 +156,12 @@ def select(tiers: list[str] | None, check_name: str | None) -> list[Check]:
 
 
 def table(results: list[CheckResult]) -> str:
-    rows = [("tier", "checks", "examples", "passed", "failed", "n/a", "time")]
+    rows = [("tier", "checks", "examples", "targeted", "passed", "failed", "n/a", "time")]
     for tier in TIERS:
         rs = [r for r in results if r.tier == tier]
         if not rs:
             continue
-        rows.append((tier, str(len(rs)), str(sum(r.examples for r in rs)),
+        rows.append((tier, str(len(rs)), str(sum(r.examples for r in rs)), str(sum(r.targeted for r in rs)),
                      str(sum(r.status == "passed" for r in rs)), str(sum(r.status == "failed" for r in rs)),
                      str(sum(r.status == "n/a" for r in rs)), f"{sum(r.seconds for r in rs):.1f}s"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
