@@ -8,8 +8,8 @@ features it missed (so a weakened generator cannot pass silently).
 Features come from three places, none of them trusted to the engine's word alone where the
 request itself can tell: the outputs checked against the requests (stop kinds, length limits),
 the engine options of the example (backend, dtype, chunking), and the engine's metrics
-(preemptions, prefix hits; those an engine could lie about, so they only *add* coverage — a
-missing metric counts as not exercised).
+(preemptions, prefix hits, an abort after which the KV usage fell: "abort:blocks_held"; those an
+engine could lie about, so they only *add* coverage — a missing metric counts as not exercised).
 """
 
 from __future__ import annotations
@@ -19,21 +19,32 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable
 
 # End-to-end examples that must hit each feature, in the quick profile (full: x2, deep: x5).
-# Required: what the workload generator puts within reach of every engine on any seed. Reported
-# only: stop tokens, stop strings and EOS, which a random model's output reaches on some seeds
-# only (e2e/stops_at_the_limit builds its stop tokens and strings from the oracle's own output,
-# so they fire by construction; conformance/sampling.py covers EOS at the sampler).
+# Required: what the workload generator puts within reach of every engine on any seed, and the
+# stop kinds, which a random model's output reaches on some seeds only: the e2e tier's targeted
+# stop workloads (one per unit of PROFILE_SCALE) end requests on a stop token, a stop string and
+# EOS by construction from the greedy oracle's output (tiers._stop_workloads).
 E2E_MINIMUMS = {"length:max_tokens": 1, "length:max_model_len": 1, "n>1": 1, "logprobs": 1,
-                "prompt_logprobs": 1}
+                "prompt_logprobs": 1, "stop:token": 1, "stop:string": 1, "stop:eos": 1}
 # Only an engine the suite drives step by step, with its options drawn, shows these.
-ENGINE_MINIMUMS = {"abort": 1, "preemption": 1, "prefix_hit": 1, "chunked_prefill:off": 1}
+ENGINE_MINIMUMS = {"abort": 1, "abort:blocks_held": 1, "preemption": 1, "prefix_hit": 1, "chunked_prefill:off": 1}
+# Not scaled with the profile: one targeted case each guarantees them (random draws add more,
+# about one example in six each, by chance).
+ENGINE_FIXED_MINIMUMS = {"dtype:float16": 1, "dtype:bfloat16": 1}
 PROFILE_SCALE = {"quick": 1, "full": 2, "deep": 5}
 
 
-def e2e_minimums(profile: str, engine_metrics: bool) -> dict[str, int]:
+def e2e_minimums(profile: str, engine_metrics: bool, stop_string: bool = True, eos: bool = True) -> dict[str, int]:
+    """The e2e minimums of a profile; `engine_metrics` for an engine the suite drives step by step;
+    without a tokenizer (`stop_string`) or EOS tokens (`eos`) the model cannot show that stop kind."""
     scale = PROFILE_SCALE.get(profile, 1)
-    wanted = {**E2E_MINIMUMS, **(ENGINE_MINIMUMS if engine_metrics else {})}
-    return {k: v * scale for k, v in wanted.items()}
+    wanted = {k: v * scale for k, v in {**E2E_MINIMUMS, **(ENGINE_MINIMUMS if engine_metrics else {})}.items()}
+    if engine_metrics:
+        wanted.update(ENGINE_FIXED_MINIMUMS)
+    if not stop_string:
+        wanted.pop("stop:string")
+    if not eos:
+        wanted.pop("stop:eos")
+    return wanted
 
 
 @dataclass

@@ -13,7 +13,8 @@ import torch
 from hypothesis import strategies as st
 
 from conformance.compare import LOGIT_ATOL, assert_close, check_outputs_complete, check_request_outputs
-from conformance.coverage import Coverage, e2e_minimums, metric_features, option_features, output_features
+from conformance.coverage import (PROFILE_SCALE, Coverage, e2e_minimums, metric_features, option_features,
+                                 output_features)
 from conformance.driver import run_workload
 from conformance.workloads import Workload, fast_engine_options, workloads
 from ref.inputs import DEFAULT_MAX_N, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
@@ -53,7 +54,7 @@ class Context:
     profile: Profile
     make_adapter: Callable[..., Any]  # (model_dir, **options) -> adapter of the same engine
     options: dict = field(default_factory=dict)
-    _oracle: Any = None
+    _oracles: dict = field(default_factory=dict)  # dtype -> RefAdapter
     _rules: Any = None
 
     @property
@@ -67,11 +68,17 @@ class Context:
 
     @property
     def oracle(self):
-        if self._oracle is None:
+        """The oracle in the checkpoint's own dtype."""
+        return self.oracle_for("auto")
+
+    def oracle_for(self, dtype: str):
+        """The oracle with its weights and activations in `dtype` ("auto": the checkpoint's)."""
+        if dtype not in self._oracles:
             from conformance.adapters import RefAdapter
 
-            self._oracle = RefAdapter(self.model_dir, max_model_len=MAX_MODEL_LEN, max_batch=64)
-        return self._oracle
+            self._oracles[dtype] = RefAdapter(self.model_dir, max_model_len=MAX_MODEL_LEN, max_batch=64,
+                                              **({} if dtype == "auto" else {"dtype": dtype}))
+        return self._oracles[dtype]
 
     def supported(self, workload: Workload, vs_oracle: bool = False) -> Workload:
         """The workload without the requests the engine declares it cannot run, or (vs_oracle)
@@ -159,7 +166,13 @@ def build_kernels(ctx: Context):
     slow = CaseLimits(max_seq_len=48, max_seqs=3, max_kv_heads=1, head_dims=(32,))
     interpreted = not torch.cuda.is_available()
     tier = KernelTier(backends, {n: slow if n == "triton" and interpreted else limits for n in backends})
-    tier.run_targeted()
+    run, ran = tier.run, [0]  # count the targeted batches (one per case and backend it applies to)
+    tier.run = lambda *args: (ran.__setitem__(0, ran[0] + 1), run(*args))[1]
+    try:
+        tier.run_targeted()
+    finally:
+        del tier.run
+    tier.targeted = ran[0]
     return tier.random_cases(), tier.check_random
 
 
@@ -177,7 +190,12 @@ def build_allocator(ctx: Context):
     configs["Allocator_weak_hash"] = KVCacheConfig(num_blocks=6, block_size=2, hash_fn=weak_block_hash)
     coverage = AllocatorCoverage()
     machines = [make_allocator_machine(c, factory, name, coverage) for name, c in configs.items()]
-    return machines_then_coverage(machines, coverage), None
+    run = machines_then_coverage(machines, coverage)
+    from conformance.allocator import SCENARIOS
+
+    # The scripted scenarios, each on every machine with prefix caching (allocator.run_scenarios).
+    run.targeted = len(SCENARIOS) * sum(c.enable_prefix_caching for c in configs.values())
+    return run, None
 
 
 # ----------------------------------------------------------------------------- 4. scheduler
@@ -207,12 +225,13 @@ def _requests(workload: Workload) -> list[tuple[list[int], SamplingParams]]:
     return [(p["prompt_token_ids"], params) for p, params in zip(workload.prompts, workload.params)]
 
 
-def _compare(ctx: Context, workload: Workload, got: dict) -> None:
+def _compare(ctx: Context, workload: Workload, got: dict, dtype: str = "auto") -> None:
     """Both sides obey SPEC's output rules on their own (conformance/contract.py: this catches
-    a bug in the code fast shares with ref), then the engine equals the oracle."""
+    a bug in the code fast shares with ref), then the engine equals the oracle run in the
+    engine's `dtype`, under that dtype's tolerances."""
     from conformance.contract import check_output_contract
 
-    oracle = ctx.oracle
+    oracle = ctx.oracle_for(dtype)
     keep = sorted(got)
     expected = oracle.generate([workload.prompts[i] for i in keep], [workload.params[i] for i in keep])
     for side, outs in (("oracle", expected), ("engine", [got[i] for i in keep])):
@@ -225,20 +244,135 @@ def _compare(ctx: Context, workload: Workload, got: dict) -> None:
                           expected, [got[i] for i in keep], dtype=e.model.dtype)
 
 
+TARGETED_OPTIONS = dict(max_model_len=MAX_MODEL_LEN, block_size=8, num_kv_blocks=64, max_num_seqs=8,
+                        max_num_batched_tokens=64)
+
+
 def _targeted_e2e_cases() -> list[tuple[Workload, dict]]:
     """Engine scenarios every run exercises: n > 1 samples forking off a prompt whose last block
     is partly filled (the child needs its own copy of it), in a pool where every fork fits..."""
     prompt = {"prompt_token_ids": list(range(3, 24))}  # 21 tokens: 2 full blocks of 8 + 5
     fork = SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=8, ignore_eos=True)
-    options = dict(max_model_len=MAX_MODEL_LEN, block_size=8, num_kv_blocks=64, max_num_seqs=8,
-                   max_num_batched_tokens=64)
+    options = TARGETED_OPTIONS
     # ... and a prompt computed in chunks of 8 tokens, with sampled and prompt logprobs and a
     # penalty (so that processed and raw logits differ)
     scored = SamplingParams(temperature=0, max_tokens=6, logprobs=3, prompt_logprobs=2, repetition_penalty=1.3)
     chunked = {**options, "max_num_batched_tokens": 8}
+    # ... and a request aborted while it holds blocks: its 40-token prompt is computed in step 0,
+    # it decodes in steps 1 and 2, and is aborted before step 3 (beside one that runs to the end)
+    held = Workload([{"prompt_token_ids": list(range(40, 80))}, prompt],
+                    [SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+                     SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)], [0, 0], {3: [0]})
     return [(Workload([prompt], [fork], [0]), options),
             (Workload([prompt, prompt], [fork, SamplingParams(temperature=0, max_tokens=8)], [0, 0]), options),
-            (Workload([prompt], [scored], [0]), chunked)]
+            (Workload([prompt], [scored], [0]), chunked),
+            (held, options)]
+
+
+def _half_precision_cases(vocab: int) -> list[tuple[Workload, dict]]:
+    """The same workload in float16 and in bfloat16 (engine and oracle in that dtype): seeded
+    samples truncated by top-p, top-k and min-p (the near-cut clause of the comparison), a greedy
+    request, logprobs and prompt logprobs, under that dtype's tolerances."""
+    gen = torch.Generator().manual_seed(2)
+    prompts = [{"prompt_token_ids": torch.randint(3, vocab, (12 + 9 * i,), generator=gen).tolist()} for i in range(6)]
+    # each truncation alone (so each one binds), then all three together
+    params = [SamplingParams(temperature=1.0, top_k=3, seed=4, n=2, max_tokens=12, logprobs=2, ignore_eos=True),
+              SamplingParams(temperature=1.0, top_k=1, seed=7, n=2, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=0.8, top_p=0.8, seed=3, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=1.2, min_p=0.15, seed=5, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=0.6, top_p=0.9, top_k=20, min_p=0.05, seed=6, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=12, prompt_logprobs=2, ignore_eos=True)]
+    workload = Workload(prompts, params, [0] * len(prompts))
+    return [(workload, {**TARGETED_OPTIONS, "dtype": dtype}) for dtype in ("float16", "bfloat16")]
+
+
+# Greedy under a strong repetition penalty (< 1 favours tokens already seen) after a prompt that
+# holds EOS: a random model's greedy output meets EOS within a few tokens on about one prompt in
+# three (EOS by itself is almost never a random model's argmax).
+EOS_PARAMS = dict(temperature=0, max_tokens=8, repetition_penalty=0.2)
+
+
+def _eos_prompts(ctx: Context, count: int, batch: int = 16, tries: int = 8) -> list[list[int]]:
+    """Up to `count` prompts after which the greedy oracle under `EOS_PARAMS` emits EOS, found
+    by running the oracle with ignore_eos on seeded random prompts that hold an EOS token. Only
+    prompts whose EOS wins clear of the runner-up (far beyond the near-tie margin) are kept, so
+    every correct engine stops there too; later EOS first."""
+    from conformance.compare import oracle_decision_scores
+
+    eos = ctx.rules.eos_token_ids
+    if not eos:
+        return []
+    vocab = _vocab(ctx.model_dir)
+    e = ctx.oracle.llm.llm_engine
+    probe = SamplingParams(ignore_eos=True, **EOS_PARAMS)
+    gen = torch.Generator().manual_seed(0)
+    found: list[tuple[int, list[int]]] = []
+    for _ in range(tries):
+        prompts = [[eos[0]] + torch.randint(3, vocab, (int(torch.randint(4, 24, (1,), generator=gen)),),
+                                            generator=gen).tolist() for _ in range(batch)]
+        outs = ctx.oracle.generate([{"prompt_token_ids": p} for p in prompts], [probe] * batch)
+        for prompt, out in zip(prompts, outs):
+            ids = out.outputs[0].token_ids
+            k = next((i for i, t in enumerate(ids) if t in eos), None)
+            if k is None:
+                continue
+            top2 = torch.topk(oracle_decision_scores(e.model, prompt, ids, k, probe, tuple(eos), None), 2).values
+            if float(top2[0] - top2[1]) > 0.05:
+                found.append((k, prompt))
+        if len(found) >= count:
+            break
+    return [prompt for _, prompt in sorted(found, key=lambda f: -f[0])[:count]]
+
+
+def _stop_char(text: str) -> str | None:
+    """The last printable ASCII character of `text` (not a space, not part of a character whose
+    bytes are still incomplete), as a stop string that the text certainly contains."""
+    return next((c for c in reversed(text) if c.isascii() and c.isprintable() and not c.isspace()), None)
+
+
+def _stop_workloads(ctx: Context, count: int) -> list[Workload]:
+    """`count` workloads each of whose requests ends on one stop kind, by construction from the
+    greedy oracle's own output: a stop token the output contains, a stop string its text contains
+    (kept in the output or cut, alternately), and EOS after a prompt whose greedy output meets EOS
+    (`_eos_prompts`). A random model's outputs reach these on some draws only."""
+    vocab = _vocab(ctx.model_dir)
+    has_text = ctx.oracle.llm.llm_engine.codec.has_tokenizer
+    gen = torch.Generator().manual_seed(1)
+    greedy = dict(temperature=0, max_tokens=12, ignore_eos=True)
+    candidates = [torch.randint(3, vocab, (int(torch.randint(4, 24, (1,), generator=gen)),), generator=gen).tolist()
+                  for _ in range(4 * count)]
+    probes = ctx.oracle.generate([{"prompt_token_ids": p} for p in candidates], [SamplingParams(**greedy)] * len(candidates))
+    usable = [(p, o.outputs[0]) for p, o in zip(candidates, probes) if not has_text or _stop_char(o.outputs[0].text)]
+    eos_prompts = _eos_prompts(ctx, count)
+    workloads_ = []
+    for i, (prompt, probe) in enumerate(usable[:count]):
+        prompts, params = [{"prompt_token_ids": prompt}], [SamplingParams(stop_token_ids=[probe.token_ids[3]], **greedy)]
+        if has_text:
+            prompts.append({"prompt_token_ids": prompt})
+            params.append(SamplingParams(stop=[_stop_char(probe.text)], include_stop_str_in_output=i % 2 == 1,
+                                         **greedy))
+        if i < len(eos_prompts):
+            prompts.append({"prompt_token_ids": eos_prompts[i]})
+            params.append(SamplingParams(**EOS_PARAMS))
+        workloads_.append(Workload(prompts, params, [0] * len(prompts)))
+    return workloads_
+
+
+class _AbortProbe:
+    """The engine, with each abort watched: an abort after which the engine's KV usage (its
+    metrics) fell freed blocks the request held ("abort:blocks_held"). Metrics only add coverage."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine, self.freed = engine, 0
+
+    def abort_request(self, request_id) -> None:
+        before = getattr(self.engine.get_metrics(), "kv_usage", 0.0)
+        self.engine.abort_request(request_id)
+        if getattr(self.engine.get_metrics(), "kv_usage", 0.0) < before:
+            self.freed += 1
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
 
 
 def build_e2e(ctx: Context):
@@ -250,37 +384,59 @@ def build_e2e(ctx: Context):
     # An engine that declares requests unsupported or not comparable (the HF adapters) skips
     # whole features by design: its coverage is reported, not required.
     filtered = any(getattr(ctx.adapter, h, None) is not None for h in ("unsupported", "comparable"))
-    coverage = Coverage(minimums={} if filtered else e2e_minimums(p.name, engine_metrics=use_engine))
+    minimums = e2e_minimums(p.name, engine_metrics=use_engine, stop_string=ctx.oracle.llm.llm_engine.codec.has_tokenizer,
+                            eos=bool(ctx.rules.eos_token_ids))
+    coverage = Coverage(minimums={} if filtered else minimums)
 
     def body(ctx, case):
         workload, options = case
         features = option_features(options) | ({"abort"} if workload.aborts else set())
         if use_engine:
             engine = make_engine(**options)
-            got = run_workload(engine, workload)  # checks every request finished, reported once
+            probe = _AbortProbe(engine)
+            got = run_workload(probe, workload)  # checks every request finished, reported once
             if kv_is_empty is not None:
                 assert kv_is_empty(engine), "KV blocks leaked after the workload finished"
-            features |= metric_features(engine.get_metrics())
+            features |= metric_features(engine.get_metrics()) | ({"abort:blocks_held"} if probe.freed else set())
         else:
             workload = ctx.supported(workload, vs_oracle=True)
             outs = ctx.adapter.generate(workload.prompts, workload.params)
             check_outputs_complete(_requests(workload), outs)
             got = dict(enumerate(outs))
-        _compare(ctx, workload, got)  # features are counted only from outputs that passed
+        _compare(ctx, workload, got, options.get("dtype", "auto"))  # features count only outputs that passed
         for i, out in got.items():
             features |= output_features(workload.prompts[i]["prompt_token_ids"], workload.params[i], out,
                                         MAX_MODEL_LEN, ctx.rules.eos_token_ids)
         coverage.record(features)
 
     body.coverage = coverage
-    if use_engine:  # targeted cases first: paths a random draw reaches on some seeds only
-        for case in _targeted_e2e_cases():
+    # Targeted cases first: paths a random draw reaches on some seeds only. Stop kinds for every
+    # engine (PROFILE_SCALE workloads: their coverage minimums scale with the profile).
+    targeted = [(w, TARGETED_OPTIONS if use_engine else {}) for w in _stop_workloads(ctx, PROFILE_SCALE.get(p.name, 1))]
+    if use_engine:
+        targeted = _targeted_e2e_cases() + _half_precision_cases(_vocab(ctx.model_dir)) + targeted
+    for i, case in enumerate(targeted):
+        try:
             body(ctx, case)
+        except Exception as err:  # noqa: BLE001 - named with its case; a dead or hung engine stays itself
+            from conformance.isolation import EngineFailure
+
+            if isinstance(err, EngineFailure):
+                raise
+            what = str(err) if isinstance(err, AssertionError) else f"{type(err).__name__}: {err}"
+            raise AssertionError(f"targeted e2e case {i} ({_describe(*case)}): {what}") from err
+    body.targeted = len(targeted)
 
     wl = workloads(max_requests=p.max_requests, max_prompt_len=80, max_tokens=16, max_model_len=MAX_MODEL_LEN)
     if use_engine:
         return st.tuples(wl, fast_engine_options(MAX_MODEL_LEN, variants=True)), body
     return st.tuples(wl.map(lambda w: Workload(w.prompts, w.params, w.priorities, {})), st.just({})), body
+
+
+def _describe(workload: Workload, options: dict) -> str:
+    reqs = "; ".join(f"prompt {p['prompt_token_ids'][:6]}... ({len(p['prompt_token_ids'])} tokens) {q}"
+                     for p, q in zip(workload.prompts, workload.params))
+    return f"engine options {options}, aborts {workload.aborts}, requests: {reqs}"
 
 
 def _limit_variants(tokens: list[int], text: str, has_text: bool) -> list[SamplingParams]:

@@ -135,8 +135,13 @@ def fast_engine_options(draw, max_model_len: int = 128, variants: bool = False):
         enable_prefix_caching=draw(st.integers(0, 3)) > 0,  # on 3 times in 4: prefix hits are common
         long_prefill_token_threshold=draw(st.sampled_from([0, 0, 7, 32])) if chunked else 0,
         policy=draw(st.sampled_from(["fcfs", "priority"])),
-        # variants: an example in six on the Triton backend. (Half precision is not drawn yet: a
-        # sampled token near a top-p/top-k/min-p cut may be kept by one engine and cut by the
-        # other within bf16's logit tolerance, and the comparison rule has no near-cut clause.)
-        **(dict(attention_backend=draw(st.sampled_from(["torch"] * 5 + ["triton"]))) if variants else {}),
+        # variants: an example in six on the Triton backend, and one in six each in float16 and
+        # bfloat16 (the oracle then runs in that dtype too, and the comparison takes its tolerance;
+        # a sampled token near a top-k/top-p/min-p cut is judged by compare's near-cut clause).
+        **(dict(attention_backend=draw(st.sampled_from(["torch"] * 5 + ["triton"])),
+                dtype=draw(st.sampled_from(E2E_DTYPES))) if variants else {}),
     )
+
+
+# The e2e tier's engine dtypes, float32 most of the time.
+E2E_DTYPES = ("float32",) * 4 + ("float16", "bfloat16")
