@@ -31,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from hypothesis import note
+from hypothesis.control import currently_in_test_context
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -44,6 +45,12 @@ from ref.sequence import StopContext
 from ref.tokenizer import TextCodec
 
 MAX_MODEL_LEN = 64
+
+
+def _note(message: str) -> None:
+    """Hypothesis' note inside a test; nothing in a scripted scenario run outside one."""
+    if currently_in_test_context():
+        note(message)
 STOP_CTX = StopContext(eos_token_ids=(), max_model_len=MAX_MODEL_LEN, codec=TextCodec(None))
 
 
@@ -259,7 +266,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.arrivals = 0
         self.steps = 0
         self.healthy = True
-        note(f"config={self.config} num_blocks={num_blocks}")
+        _note(f"config={self.config} num_blocks={num_blocks}")
 
     # ---- rules
     @rule(length=st.integers(1, 40), data=st.data(), max_tokens=st.integers(1, 20), priority=st.integers(0, 2),
@@ -276,7 +283,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.groups[rid] = group
         self.scheduler.add(group.samples[0])
         self.model.add(group.samples[0])
-        note(f"add {rid} len={len(prompt)} max_tokens={max_tokens} prio={priority} n={n} "
+        _note(f"add {rid} len={len(prompt)} max_tokens={max_tokens} prio={priority} n={n} "
              f"prompt_logprobs={prompt_logprobs}")
 
     @precondition(lambda self: self.groups)
@@ -292,7 +299,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             self.scheduler.remove(sample)
             self.model.remove(sample)
         group.pending_forks = []
-        note(f"abort {rid}")
+        _note(f"abort {rid}")
 
     @rule(token=st.integers(0, 2), steps=st.sampled_from([1, 1, 2, 4]))
     def step(self, token, steps):
@@ -324,7 +331,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         got_copies = [tuple(c) for c in out.block_copies]
         assert got_copies == expected.block_copies, (
             f"{where}: fork block copies {got_copies}, the policy's KV model {expected.block_copies}")
-        note(f"step {self.steps}: scheduled={got} preempted={got_pre} forked={got_forks}")
+        _note(f"step {self.steps}: scheduled={got} preempted={got_pre} forked={got_forks}")
         self._advance(expected, out, token)
         self.healthy = True
         return len(out.num_scheduled_tokens)
@@ -442,3 +449,76 @@ def make_scheduler_machine(factory, name: str = "SchedulerMachine",
     if setup is not None:
         attrs["SETUPS"] = ({**GENERAL_SETUP, **setup},)
     return type(name, (SchedulerMachine,), attrs)
+
+
+# ----------------------------------------------------------------------------- scripted scenarios
+# Situations that random programs reach rarely (each about 1 in 300 in the pressure space), run
+# through the same machine and model every time the tier runs. Each is (configuration, program):
+# ("add", prompt length, max_tokens, priority) queues an all-ones prompt; ("step", k) steps k times.
+
+SCENARIOS: dict[str, tuple[dict, list[tuple]]] = {
+    # Under priority, a victim already granted a decode this step gives its token back, and the
+    # refund lets a later running request's prefill chunk grow by one (step 9: ('3', 6), not 5).
+    "victim granted tokens this step gives them back": (
+        dict(block_size=2, extra_blocks=1, max_num_seqs=4, budget_extra=4, chunked=True, threshold=0,
+             policy="priority", caching=False),
+        [("add", 20, 16, 0), ("step", 2), ("add", 5, 15, 2), ("step", 1), ("add", 26, 8, 1),
+         ("add", 28, 19, 1), ("step", 4), ("step", 4)],
+    ),
+    # Under fcfs, one step preempts two requests: each is prepended as it is chosen, so they go
+    # back in admission order ('1' before '2') ahead of the never-admitted.
+    "two victims of one step re-enter in admission order": (
+        dict(block_size=2, extra_blocks=0, max_num_seqs=4, budget_extra=0, chunked=True, threshold=0,
+             policy="fcfs", caching=False),
+        [("add", 36, 13, 0), ("add", 16, 16, 0), ("step", 2), ("add", 23, 11, 1), ("step", 2), ("step", 4)],
+    ),
+}
+
+
+class _Fixed:
+    """Stands in for Hypothesis' `data` in a scripted program: every draw returns one value."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def draw(self, strategy, label=None):
+        return self.value
+
+
+def run_scenarios(factory=Scheduler) -> list[str]:
+    """Run every scripted scenario against the scheduler `factory` makes; raises AssertionError
+    naming the scenario at the first disagreement with the policy; returns the names run."""
+    machine_class = make_scheduler_machine(factory, "ScriptedSchedulerMachine")
+    for name, (config, program) in SCENARIOS.items():
+        machine = machine_class()
+        try:
+            machine._setup(**config)
+            for op in program:
+                if op[0] == "add":
+                    _, length, max_tokens, priority = op
+                    machine.add(length=length, data=_Fixed([1] * length), max_tokens=max_tokens,
+                                priority=priority, n=1, prompt_logprobs=None)
+                else:
+                    machine.step(token=0, steps=op[1])
+            machine.teardown()
+        except AssertionError as err:
+            raise AssertionError(f"scripted scenario {name!r}: {err}") from err
+    return list(SCENARIOS)
+
+
+@dataclass
+class ScenariosThenMachines:
+    """The scheduler tier's run, as the machine classes a runner iterates over: iterating first
+    runs the scripted scenarios on the scheduler under test, then yields the random machine."""
+
+    factory: object
+    machines: list
+
+    @property
+    def targeted(self) -> int:
+        return len(SCENARIOS)
+
+    def __iter__(self):
+        run_scenarios(self.factory)
+        yield from self.machines
+

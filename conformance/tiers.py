@@ -202,9 +202,10 @@ def build_allocator(ctx: Context):
 
 def build_scheduler(ctx: Context):
     factory = ctx.hook("scheduler_factory")
-    from conformance.scheduler_machine import make_scheduler_machine
+    from conformance.scheduler_machine import ScenariosThenMachines, make_scheduler_machine
 
-    return [make_scheduler_machine(factory)], None  # general and memory-pressure configurations
+    # The scripted scenarios (rare situations, every run), then general and memory-pressure configurations.
+    return ScenariosThenMachines(factory, [make_scheduler_machine(factory)]), None
 
 
 # ----------------------------------------------------------------------------- 5. sampler
