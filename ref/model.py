@@ -199,11 +199,8 @@ def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig) -> torch.dtype:
     return DTYPES[name]
 
 
-def read_safetensors(model_dir: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint, single-file or sharded (model.safetensors.index.json)."""
-    from safetensors.torch import load_file
-
-    model_dir = Path(model_dir)
+def safetensors_files(model_dir: Path) -> list[str]:
+    """The checkpoint's weight files, single-file or sharded (model.safetensors.index.json)."""
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -211,6 +208,15 @@ def read_safetensors(model_dir: str | Path) -> dict[str, torch.Tensor]:
         files = sorted(p.name for p in model_dir.glob("*.safetensors"))
     if not files:
         raise ValueError(f"model={str(model_dir)!r}: no *.safetensors weights there")
+    return files
+
+
+def read_safetensors(model_dir: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint, single-file or sharded (model.safetensors.index.json)."""
+    from safetensors.torch import load_file
+
+    model_dir = Path(model_dir)
+    files = safetensors_files(model_dir)
     tensors: dict[str, torch.Tensor] = {}
     for name in files:
         tensors.update(load_file(str(model_dir / name)))

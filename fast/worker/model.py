@@ -16,7 +16,6 @@ no collective runs.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -37,7 +36,7 @@ from fast.worker.parallel import (
     shard_heads,
 )
 from ref.config import ModelConfig, rope_inv_freq
-from ref.model import resolve_dtype
+from ref.model import resolve_dtype, safetensors_files
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -178,7 +177,7 @@ class PagedDecoder(nn.Module):
         model_dir = Path(model_dir)
         targets = self.checkpoint_targets()
         found: dict[str, str] = {}  # name -> file
-        for file in _safetensors_files(model_dir):
+        for file in safetensors_files(model_dir):
             with safe_open(str(model_dir / file), framework="pt") as f:
                 for name in f.keys():
                     if name == "lm_head.weight" and self.config.tie_word_embeddings:
@@ -285,15 +284,3 @@ class PagedDecoder(nn.Module):
         positions = torch.arange(n, device=device)
         ids = torch.tensor(token_ids, device=device)
         return self.compute_logits(self(ids, positions, caches, positions, metadata, backend))
-
-
-def _safetensors_files(model_dir: Path) -> list[str]:
-    """The checkpoint's weight files, single-file or sharded (as `ref.model.read_safetensors`)."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = sorted(p.name for p in model_dir.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"model={str(model_dir)!r}: no *.safetensors weights there")
-    return files
