@@ -12,7 +12,8 @@ a second instead of every rank importing torch anew. `PAGEDLM_WORKER_START_METHO
 platform without forkserver) spawns each worker instead. Either way a worker imports the main
 module, so a script that builds a multi-rank engine at import time needs the usual
 `if __name__ == "__main__":` guard. (The forkserver is process-wide: its preload list is set here,
-without `__main__`, if it is not running yet.)
+without `__main__`, if it is not running yet; and its workers see the environment variables the
+forkserver started with, not later changes.)
 
 Each worker's OS name is `fast-worker-<rank>`, and unless OMP_NUM_THREADS is set it runs torch on
 its share of the CPUs (cpus // world size threads, as vLLM does): ranks that each used every CPU
@@ -289,16 +290,24 @@ def _set_process_name(name: str) -> None:
         pass
 
 
-def _set_threads(world_size: int) -> None:
+def worker_threads(world_size: int) -> int | None:
+    """The torch threads each worker sets: its share of this machine's CPUs; None when
+    OMP_NUM_THREADS is set (torch's own choice from it stands)."""
     if "OMP_NUM_THREADS" in os.environ:
-        return
-    import torch
-
+        return None
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:
         cpus = os.cpu_count() or 1
-    torch.set_num_threads(max(1, cpus // world_size))
+    return max(1, cpus // world_size)
+
+
+def _set_threads(world_size: int) -> None:
+    threads = worker_threads(world_size)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _worker_main(config: ResolvedConfig, rank: int, init_method: str, pipe: Connection, parent_pid: int) -> None:
