@@ -200,7 +200,7 @@ class MultiprocExecutor(Executor):
             line = f"worker {rank} (pid {proc.pid}) died during {method}: {_exit_reason(proc.exitcode)}"
             if method == "start-up" and proc.exitcode == 1:
                 line += (" (its traceback is on stderr; a script that builds the engine at import time needs "
-                         "`if __name__ == '__main__':`, since spawned workers import the main module)")
+                         "`if __name__ == '__main__':`, since worker processes import the main module)")
             lines.append(line)
         for rank in sorted(errors):
             lines.append(f"worker {rank} (pid {self.procs[rank].pid}) raised during {method}:\n{errors[rank].rstrip()}")
