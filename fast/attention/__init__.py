@@ -1,6 +1,6 @@
 """Paged attention: the KV-cache store and the attention over it, behind one small registry.
 
-    backend = get_backend("auto", device)          # "triton" on CUDA, "torch" otherwise
+    backend = get_backend("auto", device)          # "triton" on CUDA, "torch" otherwise (see get_backend)
     backend.store_kv(key, value, k_cache, v_cache, slot_mapping)
     out = backend.forward(q, k_cache, v_cache, metadata, scale, sliding_window)
 
@@ -16,7 +16,7 @@ from fast.attention.backend import AttentionBackend
 from fast.attention.metadata import AttentionMetadata, DecodeBatch, PrefillChunk
 from fast.attention.torch_backend import TorchAttentionBackend
 
-BACKEND_NAMES = ("auto", "torch", "triton")
+BACKEND_NAMES = ("auto", "torch", "triton", "cpu")
 
 __all__ = [
     "BACKEND_NAMES",
@@ -44,6 +44,10 @@ def get_backend(name: str = "auto", device: torch.device | str | None = None) ->
         name = "triton" if device.type == "cuda" else "torch"
     if name == "torch":
         return TorchAttentionBackend()
+    if name == "cpu":  # the C++ paged decode kernel (fast/attention/cpu_backend.py); builds on first use
+        from fast.attention.cpu_backend import CpuAttentionBackend
+
+        return CpuAttentionBackend()
     from fast.attention.triton_backend import TritonAttentionBackend
 
     return TritonAttentionBackend(device)
