@@ -95,16 +95,20 @@ inline const float* row_as_float(const T* row, float* buffer, int64_t head_dim) 
   }
 }
 
-template <typename T>
+// HEAD_DIM > 0 fixes head_dim at compile time (fully unrolled row loops: at D = 64 the loop
+// overhead of a runtime trip count cost more than the arithmetic); 0 reads it from the arguments.
+template <typename T, int HEAD_DIM>
 void decode(const DecodeArgs& a) {
-  const int64_t G = a.group, D = a.head_dim, BS = a.block_size, H = a.num_kv_heads;
+  const int64_t G = a.group, BS = a.block_size, H = a.num_kv_heads;
+  const int64_t D = HEAD_DIM > 0 ? HEAD_DIM : a.head_dim;
   const int64_t token_stride = H * D;  // between consecutive positions of one kv head in the cache
   const int64_t items = a.num_seqs * H;
   const T* k_cache = static_cast<const T*>(a.k_cache);
   const T* v_cache = static_cast<const T*>(a.v_cache);
 #pragma omp parallel num_threads(a.num_threads)
   {
-    std::vector<float> q(G * D), acc(G * D), scores(G * BS), row(D), m(G), l(G);
+    std::vector<float> q(G * D), acc(G * D), scores(G * BS), k_buf(BS * D), v_buf(BS * D), m(G), l(G);
+    std::vector<const float*> k_ptrs(BS), v_ptrs(BS);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
       const int64_t b = item / H, h = item % H;
@@ -130,10 +134,24 @@ void decode(const DecodeArgs& a) {
         const int64_t base = ((table[blk] * BS + first) * H + h) * D;
         const T* k_rows = k_cache + base;
         const T* v_rows = v_cache + base;
-        for (int64_t t = 0; t < n; ++t) {  // scores[g, t] = q_g · k_t (q pre-scaled)
-          const float* k = row_as_float(k_rows + t * token_stride, row.data(), D);
-          for (int64_t g = 0; g < G; ++g) {
-            const float* qg = q.data() + g * D;
+        if ((blk + 1) * BS < seq_len) {  // the next block lies elsewhere: prefetch this head's rows of it
+          const int64_t next = (table[blk + 1] * BS * H + h) * D;
+          for (int64_t t = 0; t < BS; ++t) {
+            for (int64_t byte = 0; byte < D * static_cast<int64_t>(sizeof(T)); byte += 64) {
+              __builtin_prefetch(reinterpret_cast<const char*>(k_cache + next + t * token_stride) + byte);
+              __builtin_prefetch(reinterpret_cast<const char*>(v_cache + next + t * token_stride) + byte);
+            }
+          }
+        }
+        // This block's rows as fp32 (in place for an fp32 cache, else converted into the buffers).
+        for (int64_t t = 0; t < n; ++t) {
+          k_ptrs[t] = row_as_float(k_rows + t * token_stride, k_buf.data() + t * D, D);
+          v_ptrs[t] = row_as_float(v_rows + t * token_stride, v_buf.data() + t * D, D);
+        }
+        for (int64_t g = 0; g < G; ++g) {  // scores[g, t] = q_g · k_t (q pre-scaled); q_g stays in registers
+          const float* __restrict__ qg = q.data() + g * D;
+          for (int64_t t = 0; t < n; ++t) {
+            const float* __restrict__ k = k_ptrs[t];
             float s = 0.0f;
 #pragma omp simd reduction(+ : s)
             for (int64_t d = 0; d < D; ++d) s += qg[d] * k[d];
@@ -161,11 +179,12 @@ void decode(const DecodeArgs& a) {
           }
           l[g] += sum;
         }
-        for (int64_t t = 0; t < n; ++t) {  // acc[g] += p[g, t] * v_t
-          const float* v = row_as_float(v_rows + t * token_stride, row.data(), D);
-          for (int64_t g = 0; g < G; ++g) {
-            const float p = scores[g * BS + t];
-            float* ag = acc.data() + g * D;
+        for (int64_t g = 0; g < G; ++g) {  // acc[g] += p[g, t] * v_t; acc[g] stays in registers
+          float* __restrict__ ag = acc.data() + g * D;
+          const float* __restrict__ pg = scores.data() + g * BS;
+          for (int64_t t = 0; t < n; ++t) {
+            const float p = pg[t];
+            const float* __restrict__ v = v_ptrs[t];
 #pragma omp simd
             for (int64_t d = 0; d < D; ++d) ag[d] += p * v[d];
           }
@@ -178,6 +197,16 @@ void decode(const DecodeArgs& a) {
       }
     }
   }
+}
+
+template <typename T>
+int dispatch_head_dim(const DecodeArgs& a) {
+  switch (a.head_dim) {
+    case 64: decode<T, 64>(a); break;
+    case 128: decode<T, 128>(a); break;
+    default: decode<T, 0>(a); break;
+  }
+  return 0;
 }
 
 }  // namespace
@@ -195,9 +224,9 @@ int pagedlm_decode_attention(int dtype, const void* q, const void* k_cache, cons
                         q_stride_token, q_stride_head, out_stride_token, out_stride_head, num_seqs, num_kv_heads,
                         group, head_dim, block_size, scale, sliding_window, num_threads};
   switch (dtype) {
-    case 0: decode<float>(args); return 0;
-    case 1: decode<_Float16>(args); return 0;
-    case 2: decode<bf16_t>(args); return 0;
+    case 0: return dispatch_head_dim<float>(args);
+    case 1: return dispatch_head_dim<_Float16>(args);
+    case 2: return dispatch_head_dim<bf16_t>(args);
     default: return -1;
   }
 }
