@@ -21,7 +21,7 @@ TIER_NAMES = ("model", "kernel", "allocator", "scheduler", "sampler", "e2e", "de
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m conformance", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--engine", default="fast", help="ref | fast | hf | hf-cb | module:factory (default fast)")
+    ap.add_argument("--engine", default="fast", help="ref | fast | fast-tp2 | hf | hf-cb | module:factory (default fast)")
     ap.add_argument("--model", default=None, help="local HF checkpoint dir (default: the embedded tiny model)")
     ap.add_argument("--profile", default="quick", choices=PROFILE_NAMES)
     ap.add_argument("--tier", action="append", choices=TIER_NAMES, help="run only these tiers (repeatable)")

@@ -380,7 +380,7 @@ def build_e2e(ctx: Context):
     p = ctx.profile
     make_engine = getattr(ctx.adapter, "make_engine", None)
     kv_is_empty = getattr(ctx.adapter, "kv_is_empty", None)
-    use_engine = make_engine is not None and getattr(ctx.adapter, "name", "") == "fast"
+    use_engine = make_engine is not None and getattr(ctx.adapter, "name", "") in ("fast", "fast-tp2")
 
     # An engine that declares requests unsupported or not comparable (the HF adapters) skips
     # whole features by design: its coverage is reported, not required.
