@@ -120,13 +120,25 @@ def test_planted_off_by_one_is_caught() -> None:
     check_backend_matches_reference(BACKEND, batch)  # the real build passes the same batch
 
 
+@needs_kernel
+def test_auto_on_cpu_picks_the_cpu_kernel_when_enabled(monkeypatch) -> None:
+    import fast.attention as attention
+
+    monkeypatch.setattr(attention, "AUTO_CPU", "cpu")
+    assert isinstance(get_backend("auto", "cpu"), CpuAttentionBackend)
+
+
 def test_build_failure_raises_clear_error_and_auto_falls_back(monkeypatch) -> None:
-    """No compiler: constructing the backend names the cause; "auto" keeps the torch backend."""
+    """No compiler: constructing the backend names the cause; "auto" (set to prefer the cpu
+    kernel) warns and returns the torch backend."""
+    import fast.attention as attention
     import fast.attention.cpu_backend as cpu
 
-    monkeypatch.setattr(cpu, "_libraries", {})
-    monkeypatch.setattr(cpu, "CFLAGS", (*cpu.CFLAGS, "-DFORCE_REBUILD_FOR_TEST"))
+    monkeypatch.setattr(cpu, "_libraries", {})  # forget this process's build
+    monkeypatch.setattr(cpu, "CFLAGS", (*cpu.CFLAGS, "-DPAGEDLM_TEST_NO_COMPILER"))  # a name not on disk
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     with pytest.raises(CpuKernelUnavailable, match="could not build"):
-        CpuAttentionBackend(defines=("PAGEDLM_TEST_NO_COMPILER",))
-    assert get_backend("auto", "cpu").name in ("torch", "cpu")
+        CpuAttentionBackend()
+    monkeypatch.setattr(attention, "AUTO_CPU", "cpu")
+    with pytest.warns(RuntimeWarning, match="uses the torch backend"):
+        assert isinstance(get_backend("auto", "cpu"), TorchAttentionBackend)

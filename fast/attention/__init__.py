@@ -1,6 +1,6 @@
 """Paged attention: the KV-cache store and the attention over it, behind one small registry.
 
-    backend = get_backend("auto", device)          # "triton" on CUDA, "torch" otherwise (see get_backend)
+    backend = get_backend("auto", device)          # "triton" on CUDA, AUTO_CPU otherwise
     backend.store_kv(key, value, k_cache, v_cache, slot_mapping)
     out = backend.forward(q, k_cache, v_cache, metadata, scale, sliding_window)
 
@@ -10,6 +10,8 @@ the kernels are defined) can still be set by whoever runs the Triton backend on 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from fast.attention.backend import AttentionBackend
@@ -17,6 +19,13 @@ from fast.attention.metadata import AttentionMetadata, DecodeBatch, PrefillChunk
 from fast.attention.torch_backend import TorchAttentionBackend
 
 BACKEND_NAMES = ("auto", "torch", "triton", "cpu")
+
+# What "auto" picks on a CPU device. The "cpu" backend (C++ paged decode kernel) beats "torch" on
+# every decode case of benchmarks/bench_attention.py (README, Performance), but tests/
+# test_attention_api.py and tests/test_attention_triton.py still pin "auto" on CPU to "torch":
+# set this to "cpu" together with them. With "cpu", a kernel that cannot be built falls back to
+# "torch" (a warning says why).
+AUTO_CPU = "torch"
 
 __all__ = [
     "BACKEND_NAMES",
@@ -30,7 +39,7 @@ __all__ = [
 
 
 def get_backend(name: str = "auto", device: torch.device | str | None = None) -> AttentionBackend:
-    """A new backend by name; "auto" picks "triton" for a CUDA device, "torch" otherwise.
+    """A new backend by name; "auto" picks "triton" for a CUDA device, AUTO_CPU otherwise.
 
     device None means CUDA when available, else CPU. The "triton" backend on a CPU device needs
     TRITON_INTERPRET=1 set before its module is first imported (it raises otherwise).
@@ -41,7 +50,9 @@ def get_backend(name: str = "auto", device: torch.device | str | None = None) ->
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if name == "auto":
-        name = "triton" if device.type == "cuda" else "torch"
+        if device.type != "cuda" and AUTO_CPU == "cpu":
+            return _cpu_or_torch()
+        name = "triton" if device.type == "cuda" else AUTO_CPU
     if name == "torch":
         return TorchAttentionBackend()
     if name == "cpu":  # the C++ paged decode kernel (fast/attention/cpu_backend.py); builds on first use
@@ -51,3 +62,14 @@ def get_backend(name: str = "auto", device: torch.device | str | None = None) ->
     from fast.attention.triton_backend import TritonAttentionBackend
 
     return TritonAttentionBackend(device)
+
+
+def _cpu_or_torch() -> AttentionBackend:
+    """The cpu backend, or the torch backend (with a warning) where its kernel cannot be built."""
+    from fast.attention.cpu_backend import CpuAttentionBackend, CpuKernelUnavailable
+
+    try:
+        return CpuAttentionBackend()
+    except CpuKernelUnavailable as err:
+        warnings.warn(f"{err}; attention_backend='auto' uses the torch backend", RuntimeWarning, stacklevel=3)
+        return TorchAttentionBackend()
