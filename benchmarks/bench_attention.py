@@ -4,11 +4,15 @@
 
 Each group times:
 - paged-torch:         the torch backend (gather blocks into its reused workspace, one SDPA)
+- paged-cpu:           the cpu backend: the C++ kernel reads K/V in place through the block table
+                       (fast/attention/cpu_backend.py; skipped where it cannot be built)
 - dense-sdpa:          the same K/V already contiguous [B, Hkv, L, D]: what paging costs is the gap
 - paged-fresh-gather:  alternative: gather into a new tensor per call (no workspace)
 - paged-matmul:        alternative: the workspace gather, then matmul / masked softmax / matmul
 The backend keeps the fastest exact variant; the alternatives stay here as the evidence.
-extra_info["kv_bytes"] is the K/V a kernel must read, for a bandwidth figure.
+extra_info["kv_bytes"] is the K/V a kernel must read; extra_info["kv_gbps"] = kv_bytes / median
+time, to set beside test_copy_bandwidth's figure (a large tensor's copy_: the machine's memory
+bandwidth as torch sees it, bytes read + written).
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from fast.attention import AttentionMetadata, TorchAttentionBackend
+from fast.attention.cpu_backend import CpuAttentionBackend, CpuKernelUnavailable
 
 # A small GQA model's attention (Qwen2.5-0.5B-like), fp32: what the engine runs on CPU.
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 8, 2, 64, 16
-DECODE_CASES = [(batch, ctx) for batch in (1, 8, 32) for ctx in (512, 2048)]
+DECODE_CASES = [(batch, ctx) for batch in (1, 8, 32) for ctx in (512, 2048)] + [(64, 1024)]  # 64: the offline batch
 PREFILL_CASES = [(512, 0), (512, 512)]  # (new tokens, cached context)
 
 
@@ -91,14 +96,41 @@ def paged_matmul(backend: TorchAttentionBackend, case: PagedCase) -> torch.Tenso
     return torch.matmul(torch.softmax(scores, dim=-1), v)
 
 
-@pytest.mark.parametrize("variant", ["paged-torch", "dense-sdpa", "paged-fresh-gather", "paged-matmul"])
+def cpu_backend() -> CpuAttentionBackend:
+    try:
+        return CpuAttentionBackend()
+    except CpuKernelUnavailable as err:
+        pytest.skip(str(err))
+
+
+def record_bandwidth(benchmark, nbytes: int) -> None:
+    """extra_info kv_gbps = nbytes / median time (absent under --benchmark-disable: no stats)."""
+    stats = getattr(getattr(benchmark, "stats", None), "stats", None)
+    if stats is not None and stats.median > 0:
+        benchmark.extra_info["kv_gbps"] = round(nbytes / stats.median / 1e9, 2)
+
+
+def test_copy_bandwidth(benchmark) -> None:
+    """The machine's copy bandwidth: copy_ of a 256 MiB fp32 tensor (far past the caches), with the
+    torch threads the other benchmarks use; kv_gbps counts the bytes read + written."""
+    src = torch.randn(64 * 2**20)
+    dst = torch.empty_like(src)
+    benchmark.group = "copy bandwidth"
+    benchmark(lambda: dst.copy_(src))
+    record_bandwidth(benchmark, 2 * src.numel() * src.element_size())
+    assert torch.equal(dst, src)
+
+
+@pytest.mark.parametrize("variant", ["paged-torch", "paged-cpu", "dense-sdpa", "paged-fresh-gather", "paged-matmul"])
 @pytest.mark.parametrize(("batch", "ctx"), DECODE_CASES)
 def test_decode_attention(benchmark, batch: int, ctx: int, variant: str) -> None:
     case = PagedCase([1] * batch, [ctx] * batch)
     backend = TorchAttentionBackend()
+    paged_cpu = cpu_backend() if variant == "paged-cpu" else None
     k_dense, v_dense = torch.stack(case.k_dense), torch.stack(case.v_dense)  # [B, Hkv, L, D]
     run = {
         "paged-torch": lambda: backend.forward(case.q, case.k_cache, case.v_cache, case.metadata, case.scale),
+        "paged-cpu": lambda: paged_cpu.forward(case.q, case.k_cache, case.v_cache, case.metadata, case.scale),
         "dense-sdpa": lambda: dense_decode(case.q, k_dense, v_dense, case.scale),
         "paged-fresh-gather": lambda: paged_fresh_gather(case),
         "paged-matmul": lambda: paged_matmul(backend, case),
@@ -106,6 +138,7 @@ def test_decode_attention(benchmark, batch: int, ctx: int, variant: str) -> None
     benchmark.group = f"decode batch={batch} ctx={ctx}"
     benchmark.extra_info["kv_bytes"] = case.kv_bytes
     out = benchmark(run).reshape(batch, NUM_HEADS, HEAD_DIM)
+    record_bandwidth(benchmark, case.kv_bytes)
     expected = dense_decode(case.q, k_dense, v_dense, case.scale).reshape(batch, NUM_HEADS, HEAD_DIM)
     torch.testing.assert_close(out, expected, atol=3e-5, rtol=3e-5)  # every variant is exact
 
