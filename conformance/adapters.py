@@ -77,6 +77,11 @@ class FastAdapter:
                 backends["triton"] = get_backend("triton", "cuda" if torch.cuda.is_available() else "cpu")
             except Exception:  # triton missing on this platform: the tier reports what it ran
                 pass
+        if not torch.cuda.is_available():
+            try:  # the C++ paged decode kernel, built on first use (no compiler: not run)
+                backends["cpu"] = get_backend("cpu", "cpu")
+            except Exception:  # noqa: BLE001
+                pass
         return backends
 
     @property
