@@ -342,12 +342,14 @@ def _stop_workloads(ctx: Context, count: int) -> list[Workload]:
     greedy = dict(temperature=0, max_tokens=12, ignore_eos=True)
     candidates = [torch.randint(3, vocab, (int(torch.randint(4, 24, (1,), generator=gen)),), generator=gen).tolist()
                   for _ in range(4 * count)]
-    probes = ctx.oracle.generate([{"prompt_token_ids": p} for p in candidates], [SamplingParams(**greedy)] * len(candidates))
+    probes = ctx.oracle.generate([{"prompt_token_ids": p} for p in candidates],
+                                 [SamplingParams(**greedy)] * len(candidates))
     usable = [(p, o.outputs[0]) for p, o in zip(candidates, probes) if not has_text or _stop_char(o.outputs[0].text)]
     eos_prompts = _eos_prompts(ctx, count)
     workloads_ = []
     for i, (prompt, probe) in enumerate(usable[:count]):
-        prompts, params = [{"prompt_token_ids": prompt}], [SamplingParams(stop_token_ids=[probe.token_ids[3]], **greedy)]
+        prompts = [{"prompt_token_ids": prompt}]
+        params = [SamplingParams(stop_token_ids=[probe.token_ids[3]], **greedy)]
         if has_text:
             prompts.append({"prompt_token_ids": prompt})
             params.append(SamplingParams(stop=[_stop_char(probe.text)], include_stop_str_in_output=i % 2 == 1,
@@ -385,7 +387,8 @@ def build_e2e(ctx: Context):
     # An engine that declares requests unsupported or not comparable (the HF adapters) skips
     # whole features by design: its coverage is reported, not required.
     filtered = any(getattr(ctx.adapter, h, None) is not None for h in ("unsupported", "comparable"))
-    minimums = e2e_minimums(p.name, engine_metrics=use_engine, stop_string=ctx.oracle.llm.llm_engine.codec.has_tokenizer,
+    minimums = e2e_minimums(p.name, engine_metrics=use_engine,
+                            stop_string=ctx.oracle.llm.llm_engine.codec.has_tokenizer,
                             eos=bool(ctx.rules.eos_token_ids))
     coverage = Coverage(minimums={} if filtered else minimums)
 

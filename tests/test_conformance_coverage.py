@@ -23,7 +23,6 @@ from conformance.adapters import FastAdapter
 from conformance.coverage import PROFILE_SCALE, e2e_minimums
 from conformance.runner import run_check, table, write_report
 from conformance.tiers import CHECKS, MAX_MODEL_LEN, Check, Context, Profile
-from ref.sampling_params import SamplingParams
 from tests.planting import plant
 
 PROFILE = Profile("coverage", examples=4, max_requests=8, stateful_steps=10, families=False, kernel_max_seq_len=64)
