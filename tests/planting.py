@@ -4,14 +4,22 @@
 
 The module's source is edited (the old text must occur exactly once), compiled into a scratch
 namespace, and every function or method whose code changed replaces the original — on its
-class, on the module, and wherever another `fast` module imported it by name. Everything else
-(classes, enums, unchanged functions) stays the original object, so identity checks and
-isinstance keep working. `monkeypatch` undoes it all after the test.
+class, on the module, and wherever another `fast` module imported it by name. A Triton kernel
+whose code changed replaces the module's kernel (the launchers look it up at each launch; the
+interpreter re-reads a kernel's source, so the edited source is registered with `linecache`
+under its own file name). Everything else (classes, enums, unchanged functions) stays the
+original object, so identity checks and isinstance keep working. `monkeypatch` undoes it all
+after the test. Every `fast` and `ref` module is imported first: one imported only after the
+plant would bind a planted function by name for good (nothing would switch it back).
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import linecache
+import os
+import pkgutil
 import sys
 import types
 from typing import Any
@@ -40,19 +48,49 @@ def _function(obj: Any) -> types.FunctionType | None:
     return obj if isinstance(obj, types.FunctionType) else None
 
 
+def _kernel(obj: Any) -> types.FunctionType | None:
+    """The Python function of a Triton kernel (`@triton.jit`, compiled or interpreted), else None."""
+    fn = getattr(obj, "fn", None)
+    return fn if isinstance(fn, types.FunctionType) and not isinstance(obj, (type, types.FunctionType)) else None
+
+
 def _changed(new: Any, old: Any) -> bool:
+    """The code differs (of the wrapped functions, for a decorated one such as
+    `@torch.inference_mode()`, whose wrapper's own code never changes)."""
     f, g = _function(new), _function(old)
-    return f is not None and (g is None or not _same_code(f.__code__, g.__code__))
+    if f is None or g is None:
+        return f is not None
+    return not _same_code(inspect.unwrap(f).__code__, inspect.unwrap(g).__code__)
+
+
+def _import_engine_modules() -> None:
+    """Import every module of `fast` and `ref` (those that fail to import are skipped). Not the
+    Triton backend where it cannot run: its kernels' mode (compiled or interpreted) is fixed at
+    import, so importing it before TRITON_INTERPRET is set would break a later CPU test."""
+    import torch
+
+    triton_usable = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+    for package in ("fast", "ref"):
+        for info in pkgutil.walk_packages(importlib.import_module(package).__path__, package + "."):
+            if info.name in sys.modules or (info.name == "fast.attention.triton_backend" and not triton_usable):
+                continue
+            try:
+                importlib.import_module(info.name)
+            except Exception:  # noqa: BLE001 - an optional dependency missing: nothing there to plant
+                pass
 
 
 def plant(monkeypatch, module_name: str, old: str, new: str) -> list[str]:
     """Apply the diff; returns the qualified names that were replaced (at least one)."""
+    _import_engine_modules()
     module = sys.modules.get(module_name) or __import__(module_name, fromlist=["_"])
     source = inspect.getsource(module)
     count = source.count(old)
     assert count == 1, f"{module_name}: the text to replace occurs {count} times: {old!r}"
     scratch: dict[str, Any] = {"__name__": module_name, "__file__": module.__file__}
-    exec(compile(source.replace(old, new), module.__file__, "exec"), scratch)
+    edited, filename = source.replace(old, new), f"{module.__file__} (planted)"
+    monkeypatch.setitem(linecache.cache, filename, (len(edited), None, edited.splitlines(True), filename))
+    exec(compile(edited, filename, "exec"), scratch)
     replaced: list[str] = []
     for name, value in list(scratch.items()):
         original = getattr(module, name, None)
@@ -65,6 +103,12 @@ def plant(monkeypatch, module_name: str, old: str, new: str) -> list[str]:
         elif isinstance(value, types.FunctionType) and value.__module__ == module_name:
             if original is not None and _changed(value, original):
                 _replace_everywhere(monkeypatch, original, value)
+                replaced.append(name)
+            elif original is not None:
+                scratch[name] = original
+        elif _kernel(value) is not None and _kernel(value).__module__ == module_name:
+            if _kernel(original) is not None and _changed(_kernel(value), _kernel(original)):
+                monkeypatch.setattr(module, name, value)
                 replaced.append(name)
             elif original is not None:
                 scratch[name] = original
