@@ -1,14 +1,17 @@
 """The planted-bug catalogue: realistic single defects in `fast`, each of which the suite must
 catch with a message that names what broke.
 
-Each entry is a source diff (tests/planting.py applies it to this process's `fast`), the check
-that must fail, and a pattern its message must contain. The defects are the kind a person
-makes — an off-by-one, a wrong boundary, a swapped order, a shared generator, a skipped copy —
-across the runner, the model, the sampler and the engine's bookkeeping. (Allocator, scheduler
-and kernel defects have their own planted tests beside the checks that catch them.)
+Each entry is a source diff (tests/planting.py applies it to this process's `fast`, or to the
+contract code `fast` shares with `ref/`), the check that must fail, and a text its message must
+contain. The defects are the kind a person makes — an off-by-one, a wrong boundary, a swapped
+order, a shared generator, a skipped copy — in every tier and every SPEC section: the sampler,
+the model runner and the scheduler/worker boundary, the model, the scheduler's policy, the
+allocator and the block pool, both attention backends (the Triton kernels included, run by the
+interpreter on CPU), seeds, the request lifecycle and the limits.
 
 A defect the suite misses is listed in BLIND with the reason: a strict xfail, so the day a
-check learns to catch it the test flips and the entry must move to CATALOGUE.
+check learns to catch it the test flips and the entry must move to CATALOGUE. A defect caught on
+some of Hypothesis's draws only is listed in RARE (not run: its outcome would flip with the draws).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import pytest
 
 from conformance.adapters import FastAdapter
 from conformance.runner import run_check
-from conformance.tiers import CHECKS, MAX_MODEL_LEN, Context, Profile
+from conformance.tiers import CHECKS, MAX_MODEL_LEN, TIERS, Context, Profile
 from tests.planting import plant
 
 PROFILE = Profile("catalogue", examples=12, max_requests=10, stateful_steps=30, families=False, kernel_max_seq_len=64)
@@ -32,7 +35,7 @@ class Bug:
     old: str
     new: str
     check: str  # "tier/check"
-    match: str  # regex the failure message must contain
+    match: str  # text the failure message must contain (case-insensitive)
 
 
 CATALOGUE = [
@@ -131,10 +134,253 @@ CATALOGUE = [
     Bug("abort-leaves-queued-samples", "fast.engine.llm_engine",
         "            self.scheduler.remove_all(queued)\n", "            self.scheduler.remove_all(queued[:1])\n",
         "robustness/abort_frees_everything", "free every block"),
+    # ---------------------------------------------------------------- scheduler -> worker boundary
+    # The workers keep their own copy of each sample, synced one way by SchedulerOutput.
+    Bug("runner-appends-blocks-after-preemption", "fast.worker.model_runner",  # `resumed` ignored
+        "        if cached.resumed:\n            st.block_ids = list(cached.block_ids)\n"
+        "        else:\n            st.block_ids += cached.block_ids\n",
+        "        st.block_ids += cached.block_ids\n",
+        "e2e/workloads_vs_oracle", "request"),
+    Bug("sync-cursor-not-advanced", "fast.core.scheduler",  # every step resends the tokens since admission
+        "r.num_synced_tokens, r.num_synced_blocks = r.num_tokens, len(table)\n        return data",
+        "r.num_synced_blocks = len(table)\n        return data",
+        "e2e/workloads_vs_oracle", "query_len"),
+    Bug("preempted-sample-restarts-its-generator", "fast.core.scheduler",  # resent as new: fresh generator
+        "request.num_synced_blocks = 0  # the workers' table is void; it gets a whole new one",
+        "request.known_to_workers = False  # the workers' state is void; send it anew",
+        "e2e/workloads_vs_oracle", "request"),  # a token that differs, or prompt logprobs scored twice
+    Bug("block-copies-before-the-forward", "fast.worker.model_runner",  # copies a partial block not yet written
+        "        inputs = self.prepare(scheduler_output)\n"
+        "        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.slot_mapping,\n"
+        "                            inputs.metadata, self.backend)\n"
+        "        self.copy_blocks(scheduler_output.block_copies)  # the parents' KV is written now\n",
+        "        self.copy_blocks(scheduler_output.block_copies)\n"
+        "        inputs = self.prepare(scheduler_output)\n"
+        "        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.slot_mapping,\n"
+        "                            inputs.metadata, self.backend)\n",
+        "e2e/workloads_vs_oracle", "sample 1: token"),
+    Bug("slot-forgets-the-block-size", "fast.worker.model_runner",
+        "slots += [st.block_ids[p // bs] * bs + p % bs for p in range(start, end)]",
+        "slots += [st.block_ids[p // bs] + p % bs for p in range(start, end)]",
+        "e2e/workloads_vs_oracle", "differs"),
+    # ---------------------------------------------------------------- model
+    Bug("residual-added-to-the-normed-input", "fast.worker.model",
+        "x = x + layer.o_proj(attn.reshape(n, layer.q_size))", "x = h + layer.o_proj(attn.reshape(n, layer.q_size))",
+        "model/logits_vs_transformers", "logits"),
+    # ---------------------------------------------------------------- scheduler policy (SPEC §10)
+    Bug("fork-computed-tokens-off-by-one", "fast.core.scheduler",
+        "child.num_computed_tokens = s.start + s.num_new_tokens",
+        "child.num_computed_tokens = s.start + s.num_new_tokens - 1",
+        "scheduler/state_machine", "computed, the policy has"),
+    Bug("preempted-requeued-at-the-tail", "fast.core.scheduler",
+        "self.waiting.appendleft(request)", "self.waiting.append(request)",
+        "scheduler/state_machine", "re-enter at the head"),
+    # ---------------------------------------------------------------- allocator and block pool
+    Bug("free-queues-head-blocks-first", "fast.core.kv_cache_manager",  # eviction order: tail blocks go first
+        "self._pool.free_blocks(reversed(req.blocks))", "self._pool.free_blocks(req.blocks)",
+        "allocator/state_machine", "free queue"),
+    Bug("hit-blocks-touched-after-popping", "fast.core.kv_cache_manager",  # a free hit block gets evicted
+        "        self._pool.touch(hit.blocks)  # before popping, so a free hit block cannot be evicted\n"
+        "        new_blocks = self._pool.get_new_blocks(num_new_blocks)\n",
+        "        new_blocks = self._pool.get_new_blocks(num_new_blocks)\n"
+        "        self._pool.touch(hit.blocks)\n",
+        "allocator/state_machine", "a block twice"),
+    Bug("chain-compared-by-hash-only", "fast.core.block_pool",  # a hash collision becomes a hit
+        "            if (mine.block_hash, mine.token_ids, mine.extra_keys) != (\n"
+        "                theirs.block_hash, theirs.token_ids, theirs.extra_keys\n"
+        "            ):\n",
+        "            if mine.block_hash != theirs.block_hash:\n",
+        "allocator/state_machine", "hit blocks"),
+    Bug("partly-filled-block-cached", "fast.core.kv_cache_manager",
+        "for index in range(len(req.block_keys), num_computed_tokens // self.block_size):",
+        "for index in range(len(req.block_keys), cdiv(num_computed_tokens, self.block_size)):",
+        "allocator/state_machine", "not full"),
+    Bug("fork-shares-the-partial-block", "fast.core.kv_cache_manager",
+        "num_full = parent.num_tokens // self.block_size", "num_full = cdiv(parent.num_tokens, self.block_size)",
+        "allocator/state_machine", "fork returned"),
+    # ---------------------------------------------------------------- attention: torch backend
+    # (Its prefill-chunk path also serves the C++ 'cpu' backend: whichever runs first names it.)
+    Bug("torch-decode-gqa-heads-interleaved", "fast.attention.torch_backend",  # head h reads kv head h % Hkv
+        "q_dec = q[decode.query_rows].view(batch, num_kv_heads, group, head_dim)",
+        "q_dec = q[decode.query_rows].view(batch, group, num_kv_heads, head_dim).transpose(1, 2)",
+        "kernel/paged_vs_dense", "failed on torch"),
+    Bug("decode-mask-sees-one-slot-past-the-context", "fast.attention.metadata",
+        "key_mask=(key_pos[None, :] < decode_lens[:, None])", "key_mask=(key_pos[None, :] <= decode_lens[:, None])",
+        "kernel/paged_vs_dense", "failed on torch"),
+    Bug("torch-chunk-causal-mask-top-left", "fast.attention.torch_backend",  # a chunk over cached context
+        "query_pos = key_pos[chunk.seq_len - query_len :, None]", "query_pos = key_pos[:query_len, None]",
+        "kernel/paged_vs_dense", "kernel case 'mixed: chunk over cached context"),
+    Bug("torch-chunk-window-one-too-wide", "fast.attention.torch_backend",
+        "visible &= key_pos[None, :] > query_pos - sliding_window",
+        "visible &= key_pos[None, :] >= query_pos - sliding_window",
+        "kernel/paged_vs_dense", "kernel case 'chunk and decode under a window"),
+    # ---------------------------------------------------------------- attention: Triton backend
+    Bug("triton-grid-forgets-the-kv-segments", "fast.attention.triton_backend",  # launcher: split-KV
+        "            num_kv_heads * launch.num_segments,\n", "            num_kv_heads,\n",
+        "kernel/paged_vs_dense", "failed on triton(num_kv_splits=2)"),
+    Bug("triton-reduce-one-program-per-sequence", "fast.attention.triton_backend",  # launcher: split-KV reduce
+        "_reduce_segments_kernel[(metadata.num_tokens, num_heads)]",
+        "_reduce_segments_kernel[(metadata.num_seqs, num_heads)]",
+        "kernel/paged_vs_dense", "failed on triton(num_kv_splits=2)"),
+    Bug("triton-split-kv-drops-the-remainder-tiles", "fast.attention.triton_backend",  # kernel
+        "tiles_per_segment = tl.cdiv(tile_hi - tile_lo, NUM_SEGMENTS)",
+        "tiles_per_segment = (tile_hi - tile_lo) // NUM_SEGMENTS",
+        "kernel/paged_vs_dense", "failed on triton(num_kv_splits=2)"),
+    Bug("triton-softmax-sum-not-rescaled", "fast.attention.triton_backend",  # kernel: several tiles
+        "l_i = l_i * alpha + tl.sum(p, axis=1)", "l_i = l_i + tl.sum(p, axis=1)",
+        "kernel/paged_vs_dense", "failed on triton"),
+    Bug("triton-gqa-heads-interleaved", "fast.attention.triton_backend",  # kernel
+        "head = kv_head * GROUP + head_in_group", "head = head_in_group * NUM_KV_HEADS + kv_head",
+        "kernel/paged_vs_dense", "failed on triton"),
+    # ---------------------------------------------------------------- sampler edges and seeds
+    Bug("top-k-ties-cut-by-index", "fast.worker.sampler",  # keeps exactly k: drops tokens tied with the k-th
+        "            kth = torch.sort(logits, dim=-1, descending=True).values.gather(1, kth_index)\n"
+        "            mask = (logits < kth) & torch.tensor([k > 0 for k in top_k])[:, None]\n",
+        "            order = torch.sort(logits, dim=-1, descending=True, stable=True).indices\n"
+        "            rank = torch.empty_like(order).scatter_(1, order, torch.arange(V).expand_as(order).contiguous())\n"
+        "            mask = (rank > kth_index) & torch.tensor([k > 0 for k in top_k])[:, None]\n",
+        "sampler/edges_vs_oracle", "sampler row"),
+    Bug("min-p-drops-the-exact-cut", "fast.worker.sampler",
+        "drop = (probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values)",
+        "drop = (probs <= min_p[:, None] * probs.max(dim=-1, keepdim=True).values)",
+        "sampler/edges_vs_oracle", "sampler row"),
+    Bug("min-p-relative-to-the-batch-max", "fast.worker.sampler",  # a row's cut depends on the others
+        "drop = (probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values) & (min_p > 0)[:, None]",
+        "drop = (probs < min_p[:, None] * probs.max()) & (min_p > 0)[:, None]",
+        "sampler/edges_vs_oracle", "sampler row"),
+    Bug("decode-mask-reaches-the-longest-context", "fast.attention.metadata",  # right alone, wrong batched
+        "key_mask=(key_pos[None, :] < decode_lens[:, None])", "key_mask=(key_pos[None, :] < max_seq_len)",
+        "determinism/batch_invariance", "differs"),
+    Bug("base-seed-from-a-fresh-generator", "fast.engine.llm_engine",
+        "base_seed = draw_base_seed(self._seed_gen)",
+        "base_seed = draw_base_seed(torch.Generator().manual_seed(self.config.seed))",
+        "determinism/unseeded_requests_differ", "share one random stream"),
+    # ---------------------------------------------------------------- stop rules and limits (SPEC §5)
+    # The stop rules are the contract code fast shares with ref: a defect there changes both
+    # sides alike, and only the output contract (conformance/contract.py) can see it.
+    Bug("length-checked-before-the-stop-rules", "ref.sequence",  # a stop on the last allowed token
+        "    text = decode(output_ids)\n    if len(output_ids) >= p.min_tokens:\n",
+        "    text = decode(output_ids)\n"
+        "    if len(output_ids) >= (p.max_tokens or ctx.max_model_len) or prompt_len + len(output_ids) >= ctx.max_model_len:\n"
+        "        return text, \"length\", None\n"
+        "    if len(output_ids) >= p.min_tokens:\n",
+        "e2e/stops_at_the_limit", "finish_reason='length'"),
+    Bug("include-stop-str-inverted", "ref.sequence",
+        "text = text[: pos + len(stop_str)] if p.include_stop_str_in_output else text[:pos]",
+        "text = text[:pos] if p.include_stop_str_in_output else text[: pos + len(stop_str)]",
+        "e2e/stops_at_the_limit", ", want '"),
+    Bug("stop-string-searched-in-the-last-token-only", "ref.sequence",
+        "hit = find_stop_string(text, p.stop)", "hit = find_stop_string(decode(output_ids[-1:]), p.stop)",
+        "e2e/stops_at_the_limit", ", want '"),
+    Bug("one-token-past-max-model-len", "ref.sequence",
+        "prompt_len + len(output_ids) >= ctx.max_model_len:", "prompt_len + len(output_ids) > ctx.max_model_len:",
+        "e2e/workloads_vs_oracle", "max_model_len=128"),
+    Bug("one-token-past-max-tokens", "ref.sequence",
+        "if len(output_ids) >= max_tokens or", "if len(output_ids) > max_tokens or",
+        "e2e/workloads_vs_oracle", "passes max_tokens"),
+    Bug("prompt-of-max-model-len-rejected", "ref.inputs",
+        "if len(ids) > limits.max_model_len:", "if len(ids) >= limits.max_model_len:",
+        "e2e/workloads_vs_oracle", "max_model_len (128), got 128"),
 ]
 
 # Defects the suite does not catch yet, and why (numbers from the catalogue's own runs).
-BLIND: list[tuple[Bug, str]] = []
+BLIND: list[tuple[Bug, str]] = [
+    (Bug("finished-ids-never-sent", "fast.core.scheduler",
+         "            self._finished_req_ids.append(request.request_id)\n", "",
+         "robustness/abort_frees_everything", "worker"),
+     "The workers keep the state of every finished or aborted sample for good (a server leaks "
+     "memory); outputs stay right (a reused id comes as new data and replaces it) and no check "
+     "looks at the workers' state: kv_is_empty counts blocks only. e2e/workloads_vs_oracle passes "
+     "too. A hook asserting the workers hold no sample once every request finished or was aborted "
+     "would catch it."),
+    (Bug("finished-ids-dropped-after-new-requests", "fast.worker.model_runner",
+         "        for req_id in out.finished_req_ids:\n            self.requests.pop(req_id, None)\n"
+         "        for new in out.scheduled_new_reqs:\n            self.requests[new.req_id] = self._new_state(new)\n",
+         "        for new in out.scheduled_new_reqs:\n            self.requests[new.req_id] = self._new_state(new)\n"
+         "        for req_id in out.finished_req_ids:\n            self.requests.pop(req_id, None)\n",
+         "robustness/abort_frees_everything", "request"),
+     "Shows only when a request id is reused in the step that also tells the workers its previous "
+     "holder finished (the worker adds the new sample, then drops it: KeyError next prepare) - a "
+     "client retrying under the same id after an abort. No check reuses an id; abort_frees_everything "
+     "could re-add a request under an aborted id and run it to the end."),
+    (Bug("abort-leaves-waiting-samples-queued", "fast.core.scheduler",
+         "        kept = [r for r in self.waiting if id(r) not in doomed]\n"
+         "        self.waiting.clear()\n"
+         "        self.waiting.extend(kept)\n", "",
+         "robustness/abort_frees_everything", "free"),
+     "An aborted sample left in the waiting queue holds no block and its request is gone, so "
+     "has_unfinished_requests() is False and every block is free: the check passes. At the next "
+     "step it is admitted and, forgotten by update_from_output, runs for good holding blocks and a "
+     "running slot. No check steps an engine after aborting: one more step (or a fresh request run "
+     "to the end) before kv_is_empty would catch it."),
+    (Bug("unseeded-samples-use-the-global-rng", "fast.worker.model_runner",
+         "generator = None if new.seed is None else torch.Generator().manual_seed(new.seed)",
+         "generator = None if new.params.seed is None else torch.Generator().manual_seed(new.seed)",
+         "determinism/same_seed_same_output", "differ"),
+     "Unseeded samples draw from torch's global generator instead of base + i (SPEC §6), so an "
+     "engine's outputs no longer follow from its seed. The workload generator gives every random "
+     "request a seed, so same_seed_same_output never runs an unseeded sample (e2e compares unseeded "
+     "samples by shape only; passes in 157 s); unseeded_requests_differ only asks that they differ. "
+     "Workloads with unseeded random requests in same_seed_same_output would catch it."),
+    (Bug("min-tokens-counts-the-prompt", "ref.sequence",
+         "    if len(output_ids) >= p.min_tokens:\n", "    if prompt_len + len(output_ids) >= p.min_tokens:\n",
+         "e2e/stops_at_the_limit", "min_tokens"),
+     "Stop strings end a sample before min_tokens (stop tokens are masked there by the sampler, so "
+     "only strings show it). stops_at_the_limit puts min_tokens on stop tokens only and its stop-"
+     "string variants have min_tokens 0; random text seldom holds a stop string early "
+     "(e2e/workloads_vs_oracle passes too, 63 s). A variant with the text's stop string and "
+     "min_tokens = max_tokens would catch it."),
+    (Bug("greedy-only-at-temperature-zero", "fast.worker.sampler",
+         "random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]",
+         "random_rows = [i for i, r in enumerate(rows) if r.params.temperature > 0]",
+         "sampler/edges_vs_oracle", "sampler row"),
+     "Temperatures in (0, 1e-5) are greedy (SPEC §6.3) but get sampled: logits / 5e-6 make the "
+     "draw the argmax, except among exact ties, where any tied token comes out instead of the "
+     "lowest id - and the comparison excuses near-ties, exact ones included. The sampler tier's "
+     "logits are exact (no model numerics): it could require a greedy row's token to equal the "
+     "oracle's exactly."),
+]
+
+# Defects a check catches on some of Hypothesis's draws only, at this profile: not run as tests
+# (caught or not, a strict xfail would flip with the draws, and the draws depend even on which
+# modules the process imported before: Hypothesis mines constants from loaded local modules).
+# Kept for the record, with what it takes to catch each.
+RARE: list[tuple[Bug, str]] = [
+    (Bug("prompt-logprobs-rescored-after-preemption", "fast.worker.model_runner",
+         "first = max(st.num_prompt_logprobs, start)", "first = start",
+         "e2e/workloads_vs_oracle", "prompt_logprobs must have one entry per prompt token"),
+     "Needs a request with prompt_logprobs preempted after its prompt was (partly) scored: caught "
+     "after two of three import histories (16-22 s), missed after the third (146 s). A targeted e2e "
+     "case (a prompt_logprobs request in a pool that forces its preemption) would catch it always."),
+    # The scheduler state machine runs 12 examples of 30 steps at this profile (about 1 s): each of
+    # these needs a rarer draw. All four are caught with 1000 examples of 50 steps (20-65 s), two of
+    # them already with 100; a larger example_scale for the scheduler check would catch them.
+    (Bug("victim-budget-not-refunded", "fast.core.scheduler",
+         "budget += self._unschedule(plan, victim)", "self._unschedule(plan, victim)",
+         "scheduler/state_machine", "the policy"),
+     "Needs a priority victim already granted tokens in its step, then a budget that binds later "
+     "in that step (caught with 1000 examples, not with 100)."),
+    (Bug("unchunked-prompt-filling-the-budget-refused", "fast.core.scheduler",
+         "if not self.config.enable_chunked_prefill and num_remaining > budget:",
+         "if not self.config.enable_chunked_prefill and num_remaining >= budget:",
+         "scheduler/state_machine", "the policy"),
+     "Needs chunked prefill off and a waiting prompt exactly as long as the budget left (caught "
+     "with 1000 examples, not with 100)."),
+    (Bug("priority-victim-ties-by-admission", "fast.core.scheduler",
+         "return max(self.running, key=lambda r: (r.priority, r.arrival))",
+         "return max(self.running, key=lambda r: r.priority)",
+         "scheduler/state_machine", "the policy"),
+     "Needs a preemption under priority with the lowest priority tied among running requests "
+     "(caught with 100 examples)."),
+    (Bug("threshold-ignored-for-running-chunks", "fast.core.scheduler",
+         "        if self.config.long_prefill_token_threshold:\n"
+         "            num_new = min(num_new, self.config.long_prefill_token_threshold)\n"
+         "        return num_new\n",
+         "        return num_new\n",
+         "scheduler/state_machine", "the policy"),
+     "Needs long_prefill_token_threshold set and a running request with more than that left to "
+     "compute (a chunked prompt, or a recompute after preemption; caught with 100 examples)."),
+]
 
 
 def run(check: str, model_dir: str):
@@ -147,10 +393,11 @@ def run(check: str, model_dir: str):
 
 
 def test_the_catalogue_is_large_and_distinct():
-    ids = [b.id for b in CATALOGUE] + [b.id for b, _ in BLIND]
+    ids = [b.id for b in CATALOGUE] + [b.id for b, _ in BLIND] + [b.id for b, _ in RARE]
     assert len(set(ids)) == len(ids)
-    assert len(CATALOGUE) >= 20
+    assert len(CATALOGUE) >= 40
     assert all(b.match for b in CATALOGUE), "every entry names what its failure message must say"
+    assert {b.check.split("/")[0] for b in CATALOGUE} == set(TIERS), "every tier catches some entry"
 
 
 @pytest.mark.parametrize("check", sorted({b.check for b in CATALOGUE}))
@@ -168,8 +415,15 @@ def test_planted_bug_is_caught(bug: Bug, tiny_model_dir, monkeypatch):
     assert bug.match.lower() in result.message.lower(), f"{bug.id}: message does not name it:\n{result.message[:2000]}"
 
 
+class NotCaught(Exception):
+    """The check passed with the bug planted (the only failure a BLIND entry may have: a diff
+    that no longer applies is an error, not an expected failure)."""
+
+
 @pytest.mark.parametrize("bug,why", BLIND, ids=lambda x: x.id if isinstance(x, Bug) else "")
-@pytest.mark.xfail(strict=True, reason="a known blind spot of the suite (see BLIND)")
+@pytest.mark.xfail(strict=True, raises=NotCaught, reason="a known blind spot of the suite (see BLIND)")
 def test_known_blind_spot(bug: Bug, why: str, tiny_model_dir, monkeypatch):
     plant(monkeypatch, bug.module, bug.old, bug.new)
-    assert run(bug.check, tiny_model_dir).status == "failed"
+    result = run(bug.check, tiny_model_dir)
+    if result.status != "failed":
+        raise NotCaught(f"{bug.id}: {bug.check} {result.status}: {why}")
