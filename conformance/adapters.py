@@ -109,7 +109,13 @@ class FastAdapter:
 
     @staticmethod
     def kv_is_empty(engine) -> bool:
+        """Every block free, and the workers hold no state of a finished sample beyond those
+        they will be told to drop with the next step (raises naming them)."""
         engine.kv.check_invariants()
+        held = set(engine.executor.driver_call("cached_request_ids"))
+        leaked = held - set(engine.scheduler.pending_finished_req_ids) - set(engine.scheduler.requests)
+        assert not leaked, (f"the workers still hold the state of finished samples "
+                            f"{sorted(map(str, leaked))[:5]} and were never told to drop it")
         return engine.kv.num_free_blocks == engine.num_blocks
 
 

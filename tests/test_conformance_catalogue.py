@@ -281,18 +281,13 @@ CATALOGUE = [
     Bug("prompt-of-max-model-len-rejected", "ref.inputs",
         "if len(ids) > limits.max_model_len:", "if len(ids) >= limits.max_model_len:",
         "e2e/workloads_vs_oracle", "max_model_len (128), got 128"),
+    Bug("finished-ids-never-sent", "fast.core.scheduler",
+        "            self._finished_req_ids.append(request.request_id)\n", "",
+        "robustness/abort_frees_everything", "never told to drop"),
 ]
 
 # Defects the suite does not catch yet, and why (numbers from the catalogue's own runs).
 BLIND: list[tuple[Bug, str]] = [
-    (Bug("finished-ids-never-sent", "fast.core.scheduler",
-         "            self._finished_req_ids.append(request.request_id)\n", "",
-         "robustness/abort_frees_everything", "worker"),
-     "The workers keep the state of every finished or aborted sample for good (a server leaks "
-     "memory); outputs stay right (a reused id comes as new data and replaces it) and no check "
-     "looks at the workers' state: kv_is_empty counts blocks only. e2e/workloads_vs_oracle passes "
-     "too. A hook asserting the workers hold no sample once every request finished or was aborted "
-     "would catch it."),
     (Bug("finished-ids-dropped-after-new-requests", "fast.worker.model_runner",
          "        for req_id in out.finished_req_ids:\n            self.requests.pop(req_id, None)\n"
          "        for new in out.scheduled_new_reqs:\n            self.requests[new.req_id] = self._new_state(new)\n",

@@ -119,6 +119,11 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    @property
+    def pending_finished_req_ids(self) -> tuple[SampleId, ...]:
+        """Finished samples the workers still hold: they learn it with the next step that runs."""
+        return tuple(self._finished_req_ids)
+
     # ------------------------------------------------------------------ scheduling
     def schedule(self) -> SchedulerOutput:
         plan = _Plan()

@@ -62,6 +62,10 @@ class Worker:
         """Logits [T, vocab] of one sequence on a scratch cache (the conformance model tier)."""
         return self.model.teacher_forced_logits(token_ids, self.model_runner.backend).cpu()
 
+    def cached_request_ids(self) -> list:
+        """The samples whose state this rank's model runner holds (a leak check for tests)."""
+        return list(self.model_runner.requests)
+
     def attention_backend_name(self) -> str:
         return self.model_runner.backend.name
 
