@@ -99,7 +99,11 @@ def workloads(draw, vocab: int = 512, max_requests: int = 40, max_prompt_len: in
         priorities.append(draw(st.integers(0, 3)))
     aborts: dict[int, list[int]] = {}
     for i in draw(st.lists(st.integers(0, num - 1), max_size=min(num, 4), unique=True)):
-        aborts.setdefault(draw(st.integers(0, max_abort_step)), []).append(i)
+        # Half the aborts in the first few steps, while the request most likely runs and holds
+        # KV blocks; the rest anywhere (before it starts, mid-way, after it finished).
+        early = draw(st.booleans())
+        aborts.setdefault(draw(st.integers(1, min(6, max_abort_step)) if early else st.integers(0, max_abort_step)),
+                          []).append(i)
     return Workload(prompts, params, priorities, aborts)
 
 
