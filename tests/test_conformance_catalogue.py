@@ -289,6 +289,10 @@ CATALOGUE = [
         "        self.waiting.clear()\n"
         "        self.waiting.extend(kept)\n", "",
         "robustness/abort_frees_everything", "never told to drop"),
+    Bug("unseeded-samples-use-the-global-rng", "fast.worker.model_runner",
+        "generator = None if new.seed is None else torch.Generator().manual_seed(new.seed)",
+        "generator = None if new.params.seed is None else torch.Generator().manual_seed(new.seed)",
+        "determinism/same_seed_same_output", "differ"),
 ]
 
 # Defects the suite does not catch yet, and why (numbers from the catalogue's own runs).
@@ -303,15 +307,6 @@ BLIND: list[tuple[Bug, str]] = [
      "holder finished (the worker adds the new sample, then drops it: KeyError next prepare) - a "
      "client retrying under the same id after an abort. No check reuses an id; abort_frees_everything "
      "could re-add a request under an aborted id and run it to the end."),
-    (Bug("unseeded-samples-use-the-global-rng", "fast.worker.model_runner",
-         "generator = None if new.seed is None else torch.Generator().manual_seed(new.seed)",
-         "generator = None if new.params.seed is None else torch.Generator().manual_seed(new.seed)",
-         "determinism/same_seed_same_output", "differ"),
-     "Unseeded samples draw from torch's global generator instead of base + i (SPEC §6), so an "
-     "engine's outputs no longer follow from its seed. The workload generator gives every random "
-     "request a seed, so same_seed_same_output never runs an unseeded sample (e2e compares unseeded "
-     "samples by shape only; passes in 157 s); unseeded_requests_differ only asks that they differ. "
-     "Workloads with unseeded random requests in same_seed_same_output would catch it."),
     (Bug("min-tokens-counts-the-prompt", "ref.sequence",
          "    if len(output_ids) >= p.min_tokens:\n", "    if prompt_len + len(output_ids) >= p.min_tokens:\n",
          "e2e/stops_at_the_limit", "min_tokens"),
