@@ -453,7 +453,8 @@ def _describe(workload: Workload, options: dict) -> str:
 def _limit_variants(tokens: list[int], text: str, has_text: bool) -> list[SamplingParams]:
     """Greedy requests whose stop conditions fall on the limits of a known greedy output `tokens`
     (of its max_tokens): a stop token on the last allowed token, and one just past it; a stop
-    token masked by min_tokens up to the last token; a stop string ending the text, kept or cut."""
+    token masked by min_tokens up to the last token; a stop string ending the text, kept or cut;
+    a stop string early in the text that min_tokens holds back until the last token."""
     m, last = len(tokens), tokens[-1]
     greedy = dict(temperature=0, ignore_eos=True)
     variants = [
@@ -466,6 +467,8 @@ def _limit_variants(tokens: list[int], text: str, has_text: bool) -> list[Sampli
         stop = text.rstrip()[-1]
         variants += [SamplingParams(max_tokens=m, stop=[stop], include_stop_str_in_output=keep, **greedy)
                      for keep in (False, True)]
+        # The text's first character as a stop string, held back by min_tokens until the last token.
+        variants.append(SamplingParams(max_tokens=m, min_tokens=m, stop=[text.strip()[0]], **greedy))
     return variants
 
 
