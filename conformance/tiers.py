@@ -668,16 +668,17 @@ def build_abort_frees(ctx: Context):
         engine.abort_request([str(i) for i in range(len(workload.prompts))])
         assert not engine.has_unfinished_requests(), "aborted requests still unfinished"
         assert kv_is_empty(engine), "aborting every request did not free every block"
-        # The engine serves on: a fresh request runs alone, and nothing aborted comes back to life
-        # (a sample left queued would be admitted here and hold blocks for good).
-        engine.add_request("after-abort", {"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=2, temperature=0))
+        # The engine serves on: a fresh request, under an aborted one's id (a client retrying),
+        # runs alone, and nothing aborted comes back to life (a sample left queued would be
+        # admitted here and hold blocks for good; stale per-request state would meet the new one).
+        engine.add_request("0", {"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=2, temperature=0))
         outputs = {}
         for _ in range(64):
             for out in engine.step():
                 outputs[out.request_id] = out
             if not engine.has_unfinished_requests():
                 break
-        assert set(outputs) == {"after-abort"} and outputs["after-abort"].finished, (
+        assert set(outputs) == {"0"} and outputs["0"].finished, (
             f"after aborting everything, one fresh request gave outputs for {sorted(outputs)} "
             f"(finished: {[o.finished for o in outputs.values()]})")
         assert kv_is_empty(engine), "blocks held after the request that followed the aborts finished"

@@ -35,7 +35,7 @@ class Bug:
     old: str
     new: str
     check: str  # "tier/check"
-    match: str  # text the failure message must contain (case-insensitive)
+    match: str  # text the failure message must contain (case-insensitive); "a|b": either
 
 
 CATALOGUE = [
@@ -288,7 +288,7 @@ CATALOGUE = [
         "        kept = [r for r in self.waiting if id(r) not in doomed]\n"
         "        self.waiting.clear()\n"
         "        self.waiting.extend(kept)\n", "",
-        "robustness/abort_frees_everything", "never told to drop"),
+        "robustness/abort_frees_everything", "never told to drop|already has blocks"),
     Bug("unseeded-samples-use-the-global-rng", "fast.worker.model_runner",
         "generator = None if new.seed is None else torch.Generator().manual_seed(new.seed)",
         "generator = None if new.params.seed is None else torch.Generator().manual_seed(new.seed)",
@@ -296,20 +296,16 @@ CATALOGUE = [
     Bug("min-tokens-counts-the-prompt", "ref.sequence",
         "    if len(output_ids) >= p.min_tokens:\n", "    if prompt_len + len(output_ids) >= p.min_tokens:\n",
         "e2e/stops_at_the_limit", "no stop token/string ends it"),
+    Bug("finished-ids-dropped-after-new-requests", "fast.worker.model_runner",
+        "        for req_id in out.finished_req_ids:\n            self.requests.pop(req_id, None)\n"
+        "        for new in out.scheduled_new_reqs:\n            self.requests[new.req_id] = self._new_state(new)\n",
+        "        for new in out.scheduled_new_reqs:\n            self.requests[new.req_id] = self._new_state(new)\n"
+        "        for req_id in out.finished_req_ids:\n            self.requests.pop(req_id, None)\n",
+        "robustness/abort_frees_everything", "KeyError"),
 ]
 
 # Defects the suite does not catch yet, and why (numbers from the catalogue's own runs).
 BLIND: list[tuple[Bug, str]] = [
-    (Bug("finished-ids-dropped-after-new-requests", "fast.worker.model_runner",
-         "        for req_id in out.finished_req_ids:\n            self.requests.pop(req_id, None)\n"
-         "        for new in out.scheduled_new_reqs:\n            self.requests[new.req_id] = self._new_state(new)\n",
-         "        for new in out.scheduled_new_reqs:\n            self.requests[new.req_id] = self._new_state(new)\n"
-         "        for req_id in out.finished_req_ids:\n            self.requests.pop(req_id, None)\n",
-         "robustness/abort_frees_everything", "request"),
-     "Shows only when a request id is reused in the step that also tells the workers its previous "
-     "holder finished (the worker adds the new sample, then drops it: KeyError next prepare) - a "
-     "client retrying under the same id after an abort. No check reuses an id; abort_frees_everything "
-     "could re-add a request under an aborted id and run it to the end."),
     (Bug("greedy-only-at-temperature-zero", "fast.worker.sampler",
          "random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]",
          "random_rows = [i for i, r in enumerate(rows) if r.params.temperature > 0]",
@@ -392,7 +388,9 @@ def test_planted_bug_is_caught(bug: Bug, tiny_model_dir, monkeypatch):
     plant(monkeypatch, bug.module, bug.old, bug.new)
     result = run(bug.check, tiny_model_dir)
     assert result.status == "failed", f"{bug.id}: {bug.check} {result.status} with the bug planted"
-    assert bug.match.lower() in result.message.lower(), f"{bug.id}: message does not name it:\n{result.message[:2000]}"
+    message = result.message.lower()
+    assert any(m.lower() in message for m in bug.match.split("|")), (
+        f"{bug.id}: message does not name it:\n{result.message[:2000]}")
 
 
 class NotCaught(Exception):
