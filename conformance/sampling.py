@@ -126,6 +126,14 @@ def check_sampler(sample, logits: torch.Tensor, rows: list[SamplerRow], eos: tup
         if token == want:
             continue
         note(f"row {i}: logits={logits[i].tolist()}")
+        p = r.params
+        no_penalty = p.repetition_penalty == 1.0 and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0
+        if p.greedy and no_penalty and 0 <= token < scores.shape[0] and float(scores[token]) == float(scores[want]):
+            # Both sides see the very same logits: an exact tie is no rounding, and SPEC §6 breaks
+            # it by the lowest token id (no randomness in a greedy row).
+            raise AssertionError(
+                f"sampler row {i} ({p}): greedy row with an exact tie picked token {token}, SPEC §6 picks "
+                f"the lowest tied id {want}")
         gap = _gap(scores, want, token, r.params)
         assert gap < near_tie_margin(torch.float32), (
             f"sampler row {i} ({r.params}, prompt={r.prompt_ids}, output={r.output_ids}, seed={r.seed}): "
