@@ -9,7 +9,6 @@ from __future__ import annotations
 import pytest
 import torch
 from hypothesis import given
-from hypothesis import strategies as st
 
 from conformance.compare import ATTENTION_TOL, assert_close
 from conformance.kernels import (
