@@ -438,7 +438,9 @@ def build_e2e(ctx: Context):
         interpreted = not torch.cuda.is_available()
         small = workloads(max_requests=min(4, p.max_requests), max_prompt_len=80, max_tokens=16,
                           max_model_len=MAX_MODEL_LEN)
-        return fast_engine_options(MAX_MODEL_LEN, variants=True).flatmap(
+        # The backends the engine offers here (fast's C++ "cpu" kernel where it builds, on CPU).
+        backends = tuple(sorted(getattr(ctx.adapter, "attention_backends", lambda: {"torch": None})()))
+        return fast_engine_options(MAX_MODEL_LEN, variants=True, backends=backends).flatmap(
             lambda options: st.tuples(small if interpreted and options["attention_backend"] == "triton" else wl,
                                       st.just(options))), body
     return st.tuples(wl.map(lambda w: Workload(w.prompts, w.params, w.priorities, {})), st.just({})), body
