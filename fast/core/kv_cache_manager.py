@@ -26,6 +26,7 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, NewType
 
+from fast.config import cdiv
 from fast.core.block_pool import (
     BlockHashFn,
     BlockId,
@@ -36,10 +37,6 @@ from fast.core.block_pool import (
 )
 
 RequestId = NewType("RequestId", str)
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fast.config import EngineConfig
-from fast.core.kv_cache_manager import KVCacheConfig, KVCacheManager, cdiv
+from fast.config import EngineConfig, cdiv
+from fast.core.kv_cache_manager import KVCacheConfig, KVCacheManager
 from fast.core.request import Request, RequestGroup, SampleId, Status
 from fast.core.scheduler import Scheduler
 from fast.executor import Executor
