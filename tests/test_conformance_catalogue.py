@@ -142,8 +142,8 @@ CATALOGUE = [
         "        st.block_ids += cached.block_ids\n",
         "e2e/workloads_vs_oracle", "request"),
     Bug("sync-cursor-not-advanced", "fast.core.scheduler",  # every step resends the tokens since admission
-        "r.num_synced_tokens, r.num_synced_blocks = r.num_tokens, len(table)\n        return data",
-        "r.num_synced_blocks = len(table)\n        return data",
+        "r.num_synced_tokens, r.num_synced_blocks = r.num_tokens, r.num_synced_blocks + len(new_blocks)",
+        "r.num_synced_blocks = r.num_synced_blocks + len(new_blocks)",
         "e2e/workloads_vs_oracle", "query_len"),
     Bug("preempted-sample-restarts-its-generator", "fast.core.scheduler",  # resent as new: fresh generator
         "request.num_synced_blocks = 0  # the workers' table is void; it gets a whole new one",

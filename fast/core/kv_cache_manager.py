@@ -167,8 +167,9 @@ class KVCacheManager:
     def has_request(self, request_id: RequestId) -> bool:
         return request_id in self._requests
 
-    def get_block_table(self, request_id: RequestId) -> list[BlockId]:
-        return [block.block_id for block in self._request(request_id).blocks]
+    def get_block_table(self, request_id: RequestId, start: int = 0) -> list[BlockId]:
+        """The request's block ids from index `start` on (a step sends only the new ones)."""
+        return [block.block_id for block in self._request(request_id).blocks[start:]]
 
     def get_num_tokens(self, request_id: RequestId) -> int:
         """Token slots the request's table covers (computed plus scheduled tokens)."""

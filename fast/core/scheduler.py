@@ -269,11 +269,12 @@ class Scheduler:
                               r.num_computed_tokens, prompt_logprobs, fork_of)
 
     def _cached_data(self, r: Request) -> CachedRequestData:
-        table = self.kv.get_block_table(r.request_id)
+        # Only the blocks added since the last sync: a decode step costs O(1), not O(context).
+        new_blocks = self.kv.get_block_table(r.request_id, start=r.num_synced_blocks)
         resumed = r.num_synced_blocks == 0
-        data = CachedRequestData(r.request_id, r.token_ids[r.num_synced_tokens:], table[r.num_synced_blocks:],
+        data = CachedRequestData(r.request_id, r.token_ids[r.num_synced_tokens:], new_blocks,
                                  r.num_computed_tokens, resumed)
-        r.num_synced_tokens, r.num_synced_blocks = r.num_tokens, len(table)
+        r.num_synced_tokens, r.num_synced_blocks = r.num_tokens, r.num_synced_blocks + len(new_blocks)
         return data
 
     # ------------------------------------------------------------------ after the step ran
