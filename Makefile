@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+LLAMACPP_STAMP := $(VENV)/.llamacpp-stamp
 HYPOTHESIS_PROFILE ?= ci
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -34,9 +35,17 @@ conformance-deep: $(STAMP)
 test: $(STAMP)
 	HYPOTHESIS_PROFILE=$(HYPOTHESIS_PROFILE) $(PY) -m pytest -q -n 2 tests benchmarks --benchmark-disable
 
+# llama.cpp, the CPU peer of the benchmarks (benchmarks/bench_single.py, llamacpp_peer.py): the
+# `llamacpp` extra, compiled from source for this CPU (~7+ min on 2 cores, once). `make test` never
+# installs it; its cases skip without it.
+$(LLAMACPP_STAMP): $(STAMP)
+	CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_BLAS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+		$(PY) -m pip install -q -e '.[llamacpp]'
+	touch $(LLAMACPP_STAMP)
+
 # Benchmarks: `make bench` saves a run under .benchmarks/ and writes benchmarks/results/;
 # `make bench-compare` fails if any mean is 10% slower than the newest saved run.
-bench: $(STAMP)
+bench: $(LLAMACPP_STAMP)
 	$(PY) -m pytest -q benchmarks --benchmark-autosave -p no:xdist
 	$(PY) -m benchmarks.report
 
