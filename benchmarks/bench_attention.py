@@ -6,10 +6,16 @@ Each group times:
 - paged-torch:         the torch backend (gather blocks into its reused workspace, one SDPA)
 - paged-cpu:           the cpu backend: the C++ kernel reads K/V in place through the block table
                        (fast/attention/cpu_backend.py; skipped where it cannot be built)
+- paged-flex:          the alternative to that kernel: FlexAttention compiled for CPU (torch.compile,
+                       inductor's C++ template) over the cache as one physical sequence, the block
+                       tables as a paged BlockMask (full blocks + each sequence's masked last block);
+                       the mask is built outside the timed call. Skipped if it cannot compile; under
+                       --benchmark-disable only the smallest case runs (each new shape compiles ~10 s)
 - dense-sdpa:          the same K/V already contiguous [B, Hkv, L, D]: what paging costs is the gap
 - paged-fresh-gather:  alternative: gather into a new tensor per call (no workspace)
 - paged-matmul:        alternative: the workspace gather, then matmul / masked softmax / matmul
-The backend keeps the fastest exact variant; the alternatives stay here as the evidence.
+The backend keeps the fastest exact variant; the alternatives stay here as the evidence (the cpu
+kernel beat paged-flex on every decode case, README Performance).
 extra_info["kv_bytes"] is the K/V a kernel must read; extra_info["kv_gbps"] = kv_bytes / median
 time, to set beside test_copy_bandwidth's figure (a large tensor's copy_: the machine's memory
 bandwidth as torch sees it, bytes read + written).
@@ -103,6 +109,56 @@ def cpu_backend() -> CpuAttentionBackend:
         pytest.skip(str(err))
 
 
+_flex_compiled = None
+
+
+def flex_decode_inputs(case: PagedCase):
+    """FlexAttention's view of a decode batch: q [B, Hq, 1, D]; K/V the whole cache as one sequence
+    [1, Hkv, num_blocks * block_size, D] (a strided view: no copy); a BlockMask whose KV blocks are
+    cache blocks: each sequence's full blocks unmasked, its last block masked to its length."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    decode = case.metadata.decode
+    batch, table_width = decode.block_tables.shape
+    num_blocks = case.k_cache.shape[0]
+    k = case.k_cache.view(1, num_blocks * BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM).transpose(1, 2)
+    v = case.v_cache.view(1, num_blocks * BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM).transpose(1, 2)
+    used = (decode.seq_lens + BLOCK_SIZE - 1) // BLOCK_SIZE
+    last_block = decode.block_tables.gather(1, (used - 1)[:, None])[:, 0]
+    last_len = decode.seq_lens - (used - 1) * BLOCK_SIZE
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx // BLOCK_SIZE != last_block[b]) | (kv_idx % BLOCK_SIZE < last_len[b])
+
+    partial_indices = torch.zeros(batch, 1, 1, num_blocks, dtype=torch.int32)
+    partial_indices[:, 0, 0, 0] = last_block.int()
+    full_indices = torch.zeros(batch, 1, 1, num_blocks, dtype=torch.int32)
+    full_indices[:, 0, 0, :table_width] = decode.block_tables.int()
+    # (Inductor's CPU template needs the full-block tensors: without them it does not compile.)
+    mask = BlockMask.from_kv_blocks(
+        torch.ones(batch, 1, 1, dtype=torch.int32), partial_indices,
+        (used - 1).to(torch.int32).view(batch, 1, 1), full_indices,
+        BLOCK_SIZE=(128, BLOCK_SIZE), mask_mod=mask_mod, seq_lengths=(1, num_blocks * BLOCK_SIZE),
+    )
+    return case.q.view(batch, NUM_HEADS, 1, HEAD_DIM), k, v, mask
+
+
+def flex_runner(case: PagedCase):
+    """A call of compiled FlexAttention on the case (compiled and run once here), or a skip."""
+    global _flex_compiled
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        if _flex_compiled is None:
+            _flex_compiled = torch.compile(flex_attention, dynamic=True)
+        q, k, v, mask = flex_decode_inputs(case)
+        run = lambda: _flex_compiled(q, k, v, block_mask=mask, scale=case.scale, enable_gqa=True)  # noqa: E731
+        run()
+    except Exception as err:  # noqa: BLE001 - no compiler, an inductor limitation: the case is skipped
+        pytest.skip(f"FlexAttention does not compile for CPU here: {type(err).__name__}: {str(err)[:300]}")
+    return run
+
+
 def record_bandwidth(benchmark, nbytes: int) -> None:
     """extra_info kv_gbps = nbytes / median time (absent under --benchmark-disable: no stats)."""
     stats = getattr(getattr(benchmark, "stats", None), "stats", None)
@@ -121,16 +177,21 @@ def test_copy_bandwidth(benchmark) -> None:
     assert torch.equal(dst, src)
 
 
-@pytest.mark.parametrize("variant", ["paged-torch", "paged-cpu", "dense-sdpa", "paged-fresh-gather", "paged-matmul"])
+@pytest.mark.parametrize(
+    "variant", ["paged-torch", "paged-cpu", "paged-flex", "dense-sdpa", "paged-fresh-gather", "paged-matmul"])
 @pytest.mark.parametrize(("batch", "ctx"), DECODE_CASES)
 def test_decode_attention(benchmark, batch: int, ctx: int, variant: str) -> None:
+    if variant == "paged-flex" and benchmark.disabled and (batch, ctx) != DECODE_CASES[0]:
+        pytest.skip("smoke mode: paged-flex runs on the smallest case only (a compile per shape)")
     case = PagedCase([1] * batch, [ctx] * batch)
     backend = TorchAttentionBackend()
     paged_cpu = cpu_backend() if variant == "paged-cpu" else None
+    paged_flex = flex_runner(case) if variant == "paged-flex" else None
     k_dense, v_dense = torch.stack(case.k_dense), torch.stack(case.v_dense)  # [B, Hkv, L, D]
     run = {
         "paged-torch": lambda: backend.forward(case.q, case.k_cache, case.v_cache, case.metadata, case.scale),
         "paged-cpu": lambda: paged_cpu.forward(case.q, case.k_cache, case.v_cache, case.metadata, case.scale),
+        "paged-flex": paged_flex,
         "dense-sdpa": lambda: dense_decode(case.q, k_dense, v_dense, case.scale),
         "paged-fresh-gather": lambda: paged_fresh_gather(case),
         "paged-matmul": lambda: paged_matmul(backend, case),
