@@ -202,13 +202,21 @@ class PagedDecoder(nn.Module):
                         except ValueError as e:
                             raise ValueError(f"tensor {name}: {e}") from None
 
+    def prepack_weights(self) -> int:
+        """Prepack every linear weight for the CPU GEMM (`fast/worker/linear_kernel.py`) where
+        this machine can; the dense copies are released (see `PrepackedLinearMixin`). Call once,
+        after loading; returns how many weights were packed (0 on CUDA or without oneDNN)."""
+        layers = [lin for layer in self.layers for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down_proj)]
+        return sum(lin.prepack_weight() for lin in [*layers, self.logits_head])
+
     @property
     def dtype(self) -> torch.dtype:
         return self.embed.weight.dtype
 
     @property
     def lm_head(self) -> torch.Tensor:
-        """This rank's lm_head weight [ceil(vocab / W), hidden] (the whole one at world size 1)."""
+        """This rank's lm_head weight [ceil(vocab / W), hidden] (the whole one at world size 1);
+        after `prepack_weights` an empty placeholder unless tied to the embedding."""
         return self.logits_head.weight
 
     @property
@@ -262,7 +270,8 @@ class PagedDecoder(nn.Module):
             x = x + layer.o_proj(attn.reshape(n, layer.q_size))  # all-reduced over ranks
             h = rms_norm(x, layer.post_norm, self.eps)
             gate_up = layer.gate_up(h)  # [N, 2 * inter]
-            act = F.silu(gate_up[:, : layer.inter], inplace=True).mul_(gate_up[:, layer.inter:])
+            # A new contiguous tensor, not an in-place view: the packed GEMM copies strided inputs.
+            act = F.silu(gate_up[:, : layer.inter]).mul_(gate_up[:, layer.inter:])
             x = x + layer.down_proj(act)  # all-reduced over ranks
         return rms_norm(x, self.final_norm, self.eps)
 

@@ -34,6 +34,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fast.worker import linear_kernel
+
 
 @dataclass(frozen=True)
 class ParallelContext:
@@ -198,6 +200,32 @@ def _parameter(shape: tuple[int, ...], dtype, device, loader) -> nn.Parameter:
 # ------------------------------------------------------------------------------ linear layers
 
 
+class PrepackedLinearMixin:
+    """A layer whose weight can be prepacked for the CPU GEMM (`fast/worker/linear_kernel.py`).
+
+    `prepack_weight()` runs once, after loading: the packed copy serves every forward, and
+    `release_dense` (the default) drops the dense weight's storage, leaving `weight` as an empty
+    [0] placeholder so the weights are not held twice. Before it (or where packing is not
+    possible) the layer runs `F.linear` on the dense weight."""
+
+    packed_weight: torch.Tensor | None = None
+
+    def prepack_weight(self, release_dense: bool = True) -> bool:
+        """Pack the weight if this machine can; True when packed."""
+        if self.packed_weight is not None:
+            return True
+        if not linear_kernel.can_prepack(self.weight):
+            return False
+        self.packed_weight = linear_kernel.prepack(self.weight)
+        if release_dense:
+            self.weight.data = self.weight.data.new_empty(0)
+        return True
+
+    def _gemm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return linear_kernel.linear(x, self.weight, self.packed_weight, bias)
+
+
+
 @dataclass(frozen=True)
 class _Part:
     """One projection inside a merged layer: rows [start, start + size) of its full output."""
@@ -207,7 +235,7 @@ class _Part:
     size: int
 
 
-class MergedColumnParallelLinear(nn.Module):
+class MergedColumnParallelLinear(PrepackedLinearMixin, nn.Module):
     """Several projections of the same input in one GEMM, each split along its output dim.
 
     The local output is [this rank's slice of part 0 | of part 1 | ...] (not a slice of the
@@ -242,7 +270,7 @@ class MergedColumnParallelLinear(nn.Module):
             param.narrow(0, self.offsets[shard_id], part.size).copy_(read_rows(full, 0, part.start, part.size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self._gemm(x, self.bias)
 
 
 class ColumnParallelLinear(MergedColumnParallelLinear):
@@ -270,7 +298,7 @@ class QKVParallelLinear(MergedColumnParallelLinear):
         self.heads = heads
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(PrepackedLinearMixin, nn.Module):
     """y = sum over ranks of x_r W_r^T, + b once: W's input columns split evenly, x arrives split
     the same way (the output of a column-parallel layer), the partial sums are all-reduced and
     the (replicated) bias is added after the reduction. `weight_loader(param, full)`."""
@@ -293,8 +321,8 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.parallel.world_size == 1:
-            return F.linear(x, self.weight, self.bias)
-        y = self.parallel.all_reduce(F.linear(x, self.weight))
+            return self._gemm(x, self.bias)
+        y = self.parallel.all_reduce(self._gemm(x, None))
         return y if self.bias is None else y.add_(self.bias)
 
 
@@ -334,7 +362,7 @@ class VocabParallelEmbedding(nn.Module):
         return self.parallel.all_reduce(out)
 
 
-class ParallelLMHead(VocabParallelEmbedding):
+class ParallelLMHead(PrepackedLinearMixin, VocabParallelEmbedding):
     """Output projection with the vocabulary split as in `VocabParallelEmbedding`: each rank
     computes its [S, P] block of logits; they are all-gathered and cut to [S, vocab_size] (every
     rank gets the full logits). `tie_to` shares an embedding's (identically split) weight."""
@@ -342,11 +370,16 @@ class ParallelLMHead(VocabParallelEmbedding):
     def __init__(self, vocab_size: int, hidden_size: int, parallel: ParallelContext,
                  dtype: torch.dtype | None = None, device=None, tie_to: VocabParallelEmbedding | None = None):
         super().__init__(vocab_size, hidden_size, parallel, dtype, device="meta" if tie_to else device)
+        self.tied = tie_to is not None
         if tie_to is not None:
             self.weight = tie_to.weight
 
+    def prepack_weight(self, release_dense: bool = True) -> bool:
+        """As for the linear layers; a weight tied to the embedding stays dense (the lookup reads it)."""
+        return super().prepack_weight(release_dense and not self.tied)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)  # [S, P]
+        logits = self._gemm(hidden, None)  # [S, P]
         if self.parallel.world_size == 1:
             return logits
         return self.parallel.all_gather(logits, dim=-1)[..., : self.vocab_size]

@@ -48,6 +48,7 @@ class Worker:
         cfg = self.config
         self.model = PagedDecoder.from_pretrained(cfg.model.path, cfg.model.dtype, parallel=self.parallel,
                                                   device=self.device)
+        self.model.prepack_weights()  # CPU: oneDNN's layout once, not MKL's repack on every GEMM
 
     def initialize_cache(self) -> None:
         cfg = self.config
