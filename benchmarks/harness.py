@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -25,11 +28,13 @@ class RunResult:
     prompt_tokens: int
     ttft_s: list[float] = field(default_factory=list)
     tpot_s: list[float] = field(default_factory=list)
-    kv_utilization: float | None = None  # fraction of allocated KV slots holding tokens
+    kv_utilization: float | None = None  # fraction of allocated KV slots holding tokens (KVMonitor)
     max_concurrent: int | None = None
     preemptions: int | None = None
     prefix_hit_rate: float | None = None
     step_tokens: list[tuple[int, int]] = field(default_factory=list)  # (tokens, logits rows) per step
+    mean_concurrent: float | None = None
+    kv_stats: dict = field(default_factory=dict)  # KVMonitor.stats(): how kv_utilization comes about
 
     def extra_info(self) -> dict:
         pct = lambda xs, q: (statistics.quantiles(xs, n=100)[q - 1] if len(xs) > 1 else (xs[0] if xs else None))  # noqa: E731
@@ -40,15 +45,17 @@ class RunResult:
             "ttft_p50_s": pct(self.ttft_s, 50), "ttft_p99_s": pct(self.ttft_s, 99),
             "tpot_p50_s": pct(self.tpot_s, 50), "tpot_p99_s": pct(self.tpot_s, 99),
             "kv_utilization": self.kv_utilization, "max_concurrent": self.max_concurrent,
+            "mean_concurrent": self.mean_concurrent,
             "preemptions": self.preemptions, "prefix_hit_rate": self.prefix_hit_rate,
+            **self.kv_stats,
         }
 
 
-def _drive(engine, workload: Workload, on_step=None):
+def _drive(engine, workload: Workload, on_step=None, id_prefix: str = ""):
     """Add every request, step until done; returns (wall, ttft list, tpot list)."""
     t0 = time.perf_counter()
     for i, (prompt, params) in enumerate(zip(workload.prompts, workload.params)):
-        engine.add_request(str(i), {"prompt_token_ids": prompt}, params)
+        engine.add_request(f"{id_prefix}{i}", {"prompt_token_ids": prompt}, params)
     first: dict[str, float] = {}
     done: dict[str, tuple[float, int]] = {}
     while engine.has_unfinished_requests():
@@ -66,36 +73,155 @@ def _drive(engine, workload: Workload, on_step=None):
     return wall, ttft, tpot
 
 
-def run_fast(model_dir: str, workload: Workload, **options) -> RunResult:
-    from fast import EngineConfig, LLMEngine
+KV_WHAT_IF_BLOCK_SIZES = (1, 8, 16, 32)
 
-    engine = LLMEngine(EngineConfig(model=model_dir, max_model_len=workload.max_model_len, **options))
+
+class KVMonitor:
+    """How full fast's KV cache is, sampled after every engine step (when every allocated slot
+    has been written: blocks are allocated for a step's tokens at schedule time and the step
+    computes them all).
+
+    kv_utilization = Σ_steps tokens held / Σ_steps slots of allocated blocks, where tokens held
+    = Σ over running requests of num_computed_tokens (a block shared by k requests counts k
+    times, so prefix sharing can exceed 100 %) and allocated blocks = pool - free blocks (free
+    includes cached blocks no request holds). It is a step-weighted ratio of totals, not a mean
+    of per-step ratios. Without sharing the gap is exactly the last, partly filled block of each
+    request: Σ ((-tokens) mod block_size).
+
+    Also: the same ratio at the step with the most allocated blocks (peak), how full the pool is
+    (mean and peak), tokens and slots wasted per running request, the expected waste for
+    uniformly distributed lengths, (block_size - 1) / 2, and, at the same per-request token
+    counts, the utilization other block sizes would give (kv_util_if_block_size; no sharing).
+    """
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.block_size = engine.config.block_size
+        self.pool_slots = engine.num_blocks * self.block_size
+        self.steps = 0
+        self.used = self.alloc = self.requests = 0
+        self.peak_alloc, self.util_at_peak = -1, None
+        self.what_if = dict.fromkeys(KV_WHAT_IF_BLOCK_SIZES, 0)
+
+    def __call__(self) -> None:
+        tokens = [r.num_computed_tokens for r in self.engine.scheduler.running]
+        used = sum(tokens)
+        alloc = (self.engine.num_blocks - self.engine.kv.num_free_blocks) * self.block_size
+        self.steps += 1
+        self.used += used
+        self.alloc += alloc
+        self.requests += len(tokens)
+        if alloc > self.peak_alloc:
+            self.peak_alloc, self.util_at_peak = alloc, used / alloc if alloc else None
+        for b in self.what_if:
+            self.what_if[b] += sum(-(-t // b) * b for t in tokens)
+
+    @property
+    def utilization(self) -> float | None:
+        return self.used / self.alloc if self.alloc else None
+
+    def stats(self) -> dict:
+        if not self.steps:
+            return {}
+        per_req = lambda x: x / self.requests if self.requests else None  # noqa: E731
+        return {
+            "kv_block_size": self.block_size,
+            "kv_pool_slots": self.pool_slots,
+            "kv_utilization_at_peak": self.util_at_peak,
+            "kv_pool_usage_mean": self.alloc / (self.steps * self.pool_slots),
+            "kv_pool_usage_peak": self.peak_alloc / self.pool_slots,
+            "kv_tokens_per_request": per_req(self.used),
+            "kv_waste_per_request": per_req(self.alloc - self.used),
+            "kv_waste_expected_uniform": (self.block_size - 1) / 2,
+            "kv_util_if_block_size": {str(b): (self.used / s if s else None) for b, s in self.what_if.items()},
+        }
+
+
+def record_steps(engine) -> tuple[list[tuple[int, int]], list[int]]:
+    """Wrap the engine's executor to record, per executed step, (tokens through the model, logits
+    rows) — what the GEMM floor replays — and the running requests during the step. Returns the
+    two lists, filled as the engine runs."""
     steps: list[tuple[int, int]] = []
-    slots = {"used": 0, "alloc": 0, "max_running": 0}
-    sched, executor = engine.scheduler, engine.executor
+    running: list[int] = []
+    executor = engine.executor
     original_execute = executor.execute_model
 
-    def execute_model(scheduler_output):  # record the token counts the GEMM floor must replay
+    def execute_model(scheduler_output):
+        running.append(len(engine.scheduler.running))
         runner_output = original_execute(scheduler_output)
         steps.append((scheduler_output.total_num_scheduled_tokens, len(runner_output.req_ids)))
         return runner_output
 
     executor.execute_model = execute_model
+    return steps, running
 
-    def on_step():
-        running = sched.running
-        slots["max_running"] = max(slots["max_running"], len(running))
-        slots["used"] += sum(r.num_computed_tokens for r in running)
-        slots["alloc"] += (engine.num_blocks - engine.kv.num_free_blocks) * engine.config.block_size
 
-    wall, ttft, tpot = _drive(engine, workload, on_step)
+def run_fast(model_dir: str, workload: Workload, **options) -> RunResult:
+    """fast on `workload`; concurrency = running requests during each step (at schedule time)."""
+    from fast import EngineConfig, LLMEngine
+
+    engine = LLMEngine(EngineConfig(model=model_dir, max_model_len=workload.max_model_len, **options))
+    steps, running = record_steps(engine)
+    monitor = KVMonitor(engine)
+    wall, ttft, tpot = _drive(engine, workload, monitor)
     m = engine.get_metrics()
-    backend = executor.driver_call("attention_backend_name")
+    backend = engine.executor.driver_call("attention_backend_name")
     return RunResult(f"fast[{backend}]", workload.name, wall, workload.num_output_tokens,
                      workload.num_prompt_tokens, ttft, tpot,
-                     kv_utilization=slots["used"] / slots["alloc"] if slots["alloc"] else None,
-                     max_concurrent=slots["max_running"], preemptions=m.num_preemptions,
-                     prefix_hit_rate=m.prefix_cache_hit_rate, step_tokens=steps)
+                     kv_utilization=monitor.utilization,
+                     max_concurrent=max(running, default=0), preemptions=m.num_preemptions,
+                     prefix_hit_rate=m.prefix_cache_hit_rate, step_tokens=steps,
+                     mean_concurrent=sum(running) / len(running) if running else None,
+                     kv_stats=monitor.stats())
+
+
+# ----------------------------------------------------------------------------- contiguous baselines
+
+def contiguous_concurrency(requests: list[tuple[int, int]], budget_slots: int,
+                           reserve: Callable[[int, int], int]) -> dict:
+    """Concurrency of an Orca-style engine with a contiguous KV cache of `budget_slots` token
+    slots: iteration-level batching, FCFS admission without overtaking, a request admitted when
+    `reserve(prompt_len, max_tokens)` slots are free, holding them until it finishes; each step
+    every running request makes one token (the admission step computes the prompt and makes
+    the first). requests: (prompt_len, max_tokens) in arrival order, all arriving at once.
+    Returns {"max", "mean" (running requests per step), "steps"}."""
+    queue = deque(requests)
+    running: list[list[int]] = []  # [tokens still to make, reserved slots]
+    free, steps, total, peak = budget_slots, 0, 0, 0
+    while queue or running:
+        while queue and reserve(*queue[0]) <= free:
+            p, m = queue.popleft()
+            need = reserve(p, m)
+            free -= need
+            running.append([m, need])
+        if not running:
+            raise ValueError(f"a request reserves {reserve(*queue[0])} slots > the budget {budget_slots}")
+        steps += 1
+        total += len(running)
+        peak = max(peak, len(running))
+        for r in running:
+            r[0] -= 1
+        free += sum(r[1] for r in running if r[0] <= 0)
+        running = [r for r in running if r[0] > 0]
+    return {"max": peak, "mean": total / steps if steps else 0.0, "steps": steps}
+
+
+def orca_baselines(workload: Workload, budget_slots: int) -> dict:
+    """The vLLM paper's contiguous baselines at `budget_slots` KV token slots (equal memory):
+    Orca-Max reserves max_model_len per request, Orca-Pow2 the next power of two >= prompt +
+    max_tokens (at most max_model_len), Orca-Oracle exactly prompt + max_tokens."""
+    reqs = [(len(p), m) for p, m in zip(workload.prompts, workload.max_tokens)]
+    cap = workload.max_model_len
+    rules = {
+        "orca_max": lambda p, m: cap,
+        "orca_pow2": lambda p, m: min(cap, 1 << (p + m - 1).bit_length()),
+        "orca_oracle": lambda p, m: p + m,
+    }
+    out = {}
+    for name, rule in rules.items():
+        c = contiguous_concurrency(reqs, budget_slots, rule)
+        out[f"{name}_concurrency_max"], out[f"{name}_concurrency_mean"] = c["max"], c["mean"]
+    return out
 
 
 def run_ref(model_dir: str, workload: Workload, max_batch: int = 64) -> RunResult:
@@ -152,13 +278,70 @@ def run_hf_generate_batch(model_dir: str, workload: Workload) -> RunResult:
 
 
 # ----------------------------------------------------------------------------- roofline
+#
+# The GEMM floor is a physical reference, so it uses the fastest fp32 GEMM this machine's torch
+# offers for each shape, independently of fast's own linear layers: the candidates below, each
+# probed on a small case (missing op, unsupported dtype or wrong result: skipped), timed on the
+# checkpoint's own weights, min over repetitions, and per shape the fastest one counts.
 
-def matmul_peak_flops(n: int = 2048, reps: int = 5) -> float:
-    """This machine's fp32 GEMM throughput (FLOP/s), best of `reps`."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(reps))
-    return 2 * n**3 / best
+
+@dataclass(frozen=True)
+class GemmImpl:
+    """One way to compute x @ W^T: `prepare(W, m)` once per weight (and row count m, for the
+    implementations that pack for it; not timed), then `run(x, prepared)` (timed)."""
+
+    name: str
+    prepare: Callable[[torch.Tensor, int], object]
+    run: Callable[[torch.Tensor, object], torch.Tensor]
+    per_m: bool = False  # True: prepare depends on m (re-prepared for every row count)
+
+
+def _onednn_prepare(w: torch.Tensor, m: int):
+    return torch.ops.mkldnn._reorder_linear_weight(w.contiguous())
+
+
+def _onednn_run(x: torch.Tensor, p) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
+
+
+def _mkl_prepare(w: torch.Tensor, m: int):
+    return torch.ops.mkl._mkl_reorder_linear_weight(w.contiguous(), m), w
+
+
+def _mkl_run(x: torch.Tensor, p) -> torch.Tensor:
+    packed, w = p
+    return torch.ops.mkl._mkl_linear(x, packed, w, None, x.shape[0])
+
+
+GEMM_CANDIDATES = (
+    # MKL sgemm on the checkpoint layout [out, in] (what F.linear does on CPU).
+    GemmImpl("F.linear", lambda w, m: w, lambda x, w: torch.nn.functional.linear(x, w)),
+    # oneDNN with the weight reordered once into its blocked layout.
+    GemmImpl("onednn-prepacked", _onednn_prepare, _onednn_run),
+    # MKL's packed sgemm (cblas_sgemm_pack) for a given row count: inductor's fp32 weight prepack.
+    GemmImpl("mkl-packed", _mkl_prepare, _mkl_run, per_m=True),
+)
+
+
+def gemm_impls(dtype: torch.dtype = torch.float32) -> list[GemmImpl]:
+    """The candidates that exist in this torch and compute the right result for `dtype` on CPU."""
+    ok = []
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 40, generator=gen).to(dtype)
+    x = torch.randn(5, 40, generator=gen).to(dtype)
+    want = torch.nn.functional.linear(x.double(), w.double())
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    for impl in GEMM_CANDIDATES:
+        if impl.name != "F.linear" and not torch.backends.mkldnn.is_available():
+            continue
+        try:
+            with torch.inference_mode():
+                got = impl.run(x, impl.prepare(w, x.shape[0]))
+            if torch.allclose(got.double(), want, rtol=tol, atol=tol):
+                ok.append(impl)
+        except (RuntimeError, AttributeError, NotImplementedError):  # op missing or dtype unsupported
+            continue
+    return ok
 
 
 def _timed(fn) -> float:
@@ -167,32 +350,153 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+@dataclass(frozen=True)
+class PeakResult:
+    flops: float  # best fp32 FLOP/s of an n x n x n GEMM over the candidates
+    impl: str  # the candidate that reached it
+    by_impl: dict[str, float]
+
+
 @torch.inference_mode()
+def matmul_peak(n: int = 2048, reps: int = 5) -> PeakResult:
+    """This machine's fp32 GEMM throughput (FLOP/s): best over `reps` and over the candidates."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
+    prepared = {impl.name: (impl, impl.prepare(b, n)) for impl in gemm_impls()}
+    best = dict.fromkeys(prepared, float("inf"))
+    for impl, p in prepared.values():
+        impl.run(a, p)  # warm-up
+    for _ in range(reps):  # interleaved: every candidate sees the same load
+        for name, (impl, p) in prepared.items():
+            best[name] = min(best[name], _timed(lambda: impl.run(a, p)))
+    by_impl = {name: 2 * n**3 / t for name, t in best.items()}
+    winner = max(by_impl, key=by_impl.get)
+    return PeakResult(by_impl[winner], winner, by_impl)
+
+
+def matmul_peak_flops(n: int = 2048, reps: int = 5) -> float:
+    """This machine's fp32 GEMM throughput (FLOP/s): best of `reps` and of the GEMM candidates."""
+    return matmul_peak(n, reps).flops
+
+
+LINEAR_KINDS = ("qkv", "o_proj", "gate_up", "down_proj")
+
+
+def checkpoint_linears(model_dir: str) -> tuple[dict[str, list[torch.Tensor]], torch.Tensor]:
+    """The model's linear weights read straight from its safetensors (not through fast), with
+    q/k/v and gate/up concatenated as one GEMM each (fewer, larger GEMMs: the faster layout, so
+    the honest floor): ({kind: [weight [out, in] per layer]}, lm_head [vocab, hidden])."""
+    from safetensors.torch import load_file
+
+    from ref.config import ModelConfig
+
+    c = ModelConfig.from_pretrained(model_dir)
+    t: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        t.update(load_file(str(f)))
+    kinds: dict[str, list[torch.Tensor]] = {k: [] for k in LINEAR_KINDS}
+    for i in range(c.num_hidden_layers):
+        a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        kinds["qkv"].append(torch.cat([t[a + p + "_proj.weight"] for p in "qkv"]))
+        kinds["o_proj"].append(t[a + "o_proj.weight"].contiguous())
+        kinds["gate_up"].append(torch.cat([t[m + "gate_proj.weight"], t[m + "up_proj.weight"]]))
+        kinds["down_proj"].append(t[m + "down_proj.weight"].contiguous())
+    lm_head = t.get("lm_head.weight", t["model.embed_tokens.weight"]).contiguous()
+    return kinds, lm_head
+
+
+@dataclass
+class GemmFloor:
+    """The floor of a recorded run: seconds of its GEMMs alone at the fastest candidate per shape.
+
+    `set_by`: seconds of the floor each candidate contributed (the one that won each shape);
+    `by_impl`: the floor had every shape used that candidate only (F.linear's is the old floor).
+    """
+
+    seconds: float
+    set_by: dict[str, float]
+    by_impl: dict[str, float]
+    gemm_flops: float  # FLOPs of those GEMMs (2 * m * n * k summed)
+
+    @property
+    def impl(self) -> str:
+        """Which candidate set the floor: 'name' or 'name 93% + other 7%' by share of its time."""
+        shares = sorted(((s / self.seconds, n) for n, s in self.set_by.items() if s > 0), reverse=True)
+        shown = [(f, n) for f, n in shares if f >= 0.005] or shares[:1]
+        if len(shown) == 1:
+            return shown[0][1]
+        return " + ".join(f"{n} {100 * f:.0f}%" for f, n in shown)
+
+    def info(self, prefix: str = "gemm_floor") -> dict:
+        return {f"{prefix}_s": self.seconds, f"{prefix}_impl": self.impl,
+                f"{prefix}_set_by_s": dict(self.set_by), f"{prefix}_by_impl_s": dict(self.by_impl),
+                f"{prefix}_gemm_flops": self.gemm_flops}
+
+
+class GemmTimer:
+    """Times the model's linear shapes at given row counts, each shape min over `reps` and over
+    the candidates; results cached per row count (a run repeats few distinct counts)."""
+
+    def __init__(self, model_dir: str, reps: int = 3, impls: list[GemmImpl] | None = None):
+        self.kinds, self.lm_head = checkpoint_linears(model_dir)
+        self.hidden = self.lm_head.shape[1]
+        self.reps = reps
+        self.impls = impls if impls is not None else gemm_impls(self.lm_head.dtype)
+        self._static = {impl.name: {k: [impl.prepare(w, 0) for w in ws] for k, ws in self.groups().items()}
+                        for impl in self.impls if not impl.per_m}
+        self._cache: dict[tuple[str, int], dict[str, float]] = {}  # (group, m) -> {impl: s}
+
+    def groups(self) -> dict[str, list[torch.Tensor]]:
+        return {**self.kinds, "lm_head": [self.lm_head]}
+
+    @torch.inference_mode()
+    def times(self, group: str, m: int) -> dict[str, float]:
+        """{impl: best seconds} of every weight of `group` at m rows (one layer pass)."""
+        key = (group, m)
+        if key not in self._cache:
+            weights = self.groups()[group]
+            x = torch.randn(m, weights[0].shape[1], dtype=weights[0].dtype)
+            runs = {}
+            for impl in self.impls:
+                prepared = self._static[impl.name][group] if not impl.per_m else [impl.prepare(w, m) for w in weights]
+                runs[impl.name] = (lambda impl=impl, prepared=prepared: [impl.run(x, p) for p in prepared])
+            best = dict.fromkeys(runs, float("inf"))
+            for fn in runs.values():
+                fn()  # warm-up
+            for _ in range(self.reps):  # interleaved, so every candidate sees the same load
+                for name, fn in runs.items():
+                    best[name] = min(best[name], _timed(fn))
+            self._cache[key] = best
+        return self._cache[key]
+
+    def floor(self, step_tokens: list[tuple[int, int]]) -> GemmFloor:
+        """The floor of steps given as (tokens through the layers, logits rows)."""
+        names = [impl.name for impl in self.impls]
+        set_by = dict.fromkeys(names, 0.0)
+        by_impl = dict.fromkeys(names, 0.0)
+        flops = 0.0
+        for n, rows in step_tokens:
+            for group, m in [*((k, n) for k in self.kinds), ("lm_head", rows)]:
+                if m <= 0:
+                    continue
+                t = self.times(group, m)
+                winner = min(t, key=t.get)
+                set_by[winner] += t[winner]
+                for name in names:
+                    by_impl[name] += t[name]
+                flops += sum(2 * m * w.shape[0] * w.shape[1] for w in self.groups()[group])
+        return GemmFloor(sum(set_by.values()), set_by, by_impl, flops)
+
+
+def gemm_floor(model_dir: str, step_tokens: list[tuple[int, int]], reps: int = 3) -> GemmFloor:
+    """Time of the model's linear layers alone over the same per-step token counts and logits
+    rows as a recorded run, each shape at the fastest GEMM candidate: the physical floor of that
+    run on this CPU (attention, norms and everything else cost extra)."""
+    return GemmTimer(model_dir, reps).floor(step_tokens)
+
+
 def gemm_floor_s(model_dir: str, step_tokens: list[tuple[int, int]], reps: int = 3) -> float:
-    """Time of the model's linear layers alone (fast's fused weights) over the same per-step
-    token counts and logits rows as a recorded run: the physical floor of that run on this CPU."""
-    from fast.worker.model import PagedDecoder
-
-    model = PagedDecoder.from_pretrained(model_dir)
-    hidden = model.config.hidden_size
-    linears = [lin for layer in model.layers for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down_proj)]
-    cache: dict[tuple[int, int], float] = {}
-
-    def step_time(n: int, rows: int) -> float:
-        x = torch.randn(n, hidden)
-        def run():
-            for lin in linears:
-                torch.nn.functional.linear(x if lin.in_features == hidden else torch.empty(n, lin.in_features), lin.weight)
-            torch.nn.functional.linear(x[:rows], model.lm_head)
-        run()
-        return min(_timed(run) for _ in range(reps))
-
-    total = 0.0
-    for key in step_tokens:
-        if key not in cache:
-            cache[key] = step_time(*key)
-        total += cache[key]
-    return total
+    return gemm_floor(model_dir, step_tokens, reps).seconds
 
 
 def model_flops(model_dir: str, workload: Workload) -> float:
