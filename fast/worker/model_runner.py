@@ -35,8 +35,8 @@ class CachedRequestState:
     sample keeps its generator and its scored prompt positions)."""
 
     req_id: SampleId
-    token_ids: list[int]
-    num_prompt_tokens: int
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # kept apart from the prompt: the sampler reads both without a copy
     params: SamplingParams
     generator: torch.Generator | None
     block_ids: list[int]
@@ -45,8 +45,25 @@ class CachedRequestState:
     num_prompt_logprobs: int = 0  # prompt positions scored so far (position p scores token p + 1)
 
     @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def tokens(self, start: int, end: int) -> list[int]:
+        """Token ids [start, end) of prompt + output (a decode step reads one: O(end - start))."""
+        n = len(self.prompt_token_ids)
+        if end <= n:
+            return self.prompt_token_ids[start:end]
+        if start >= n:
+            return self.output_token_ids[start - n: end - n]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - n]
+
+    def token_at(self, position: int) -> int:
+        n = len(self.prompt_token_ids)
+        return self.prompt_token_ids[position] if position < n else self.output_token_ids[position - n]
 
 
 @dataclass
@@ -95,7 +112,7 @@ class ModelRunner:
             return None
         output = ModelRunnerOutput(prompt_logprobs=prompt_logprobs)
         if logits is not None:
-            rows = [SamplingRow(st.params, st.token_ids[:st.num_prompt_tokens], st.output_token_ids, st.generator)
+            rows = [SamplingRow(st.params, st.prompt_token_ids, st.output_token_ids, st.generator)
                     for st in inputs.samplers]
             result = self.sampler(logits.cpu(), rows)
             output.req_ids = [st.req_id for st in inputs.samplers]
@@ -117,12 +134,13 @@ class ModelRunner:
     @staticmethod
     def _new_state(new: NewRequestData) -> CachedRequestState:
         generator = None if new.seed is None else torch.Generator().manual_seed(new.seed)
-        return CachedRequestState(new.req_id, list(new.token_ids), new.num_prompt_tokens, new.params, generator,
+        tokens, n = new.token_ids, new.num_prompt_tokens
+        return CachedRequestState(new.req_id, list(tokens[:n]), list(tokens[n:]), new.params, generator,
                                   list(new.block_ids), new.num_computed_tokens, new.prompt_logprobs)
 
     def _update_state(self, cached: CachedRequestData) -> None:
         st = self.requests[cached.req_id]
-        st.token_ids += cached.new_token_ids
+        st.output_token_ids += cached.new_token_ids  # sampled tokens: prompts arrive whole in NewRequestData
         if cached.resumed:
             st.block_ids = list(cached.block_ids)
         else:
@@ -143,13 +161,13 @@ class ModelRunner:
             st = self.requests[req_id]
             start, end = st.num_computed_tokens, st.num_computed_tokens + num_new
             chunks.append((st, len(ids), start, num_new))
-            ids += st.token_ids[start:end]
+            ids += st.tokens(start, end)
             positions += range(start, end)
             slots += [st.block_ids[p // bs] * bs + p % bs for p in range(start, end)]
             query_lens.append(num_new)
             seq_lens.append(end)
             tables.append(st.block_ids)
-            if end == len(st.token_ids):
+            if end == st.num_tokens:
                 for sampler in (st, *children.get(req_id, ())):
                     sample_rows.append(len(ids) - 1)
                     samplers.append(sampler)
@@ -174,7 +192,7 @@ class ModelRunner:
             if not self.is_driver:
                 continue
             top = torch.sort(lp, dim=-1, descending=True, stable=True).indices[:, :st.prompt_logprobs].tolist()
-            result[st.req_id] = [logprob_entry(lp[j], st.token_ids[p + 1], top[j])
+            result[st.req_id] = [logprob_entry(lp[j], st.token_at(p + 1), top[j])
                                  for j, p in enumerate(range(first, end))]
         return result
 
