@@ -102,8 +102,8 @@ CATALOGUE = [
         "e2e/workloads_vs_oracle", "request"),
     # ---------------------------------------------------------------- model
     Bug("silu-on-the-wrong-half", "fast.worker.model",
-        "act = F.silu(gate_up[:, : layer.inter], inplace=True).mul_(gate_up[:, layer.inter:])",
-        "act = F.silu(gate_up[:, layer.inter:], inplace=True).mul_(gate_up[:, : layer.inter])",
+        "act = F.silu(gate_up[:, : layer.inter]).mul_(gate_up[:, layer.inter:])",
+        "act = F.silu(gate_up[:, layer.inter:]).mul_(gate_up[:, : layer.inter])",
         "model/logits_vs_transformers", "logits"),
     Bug("rope-sin-sign", "fast.worker.model",
         "q = q * cos + rotate_half(q) * sin  # [N, Hq, D]", "q = q * cos - rotate_half(q) * sin  # [N, Hq, D]",
@@ -116,7 +116,7 @@ CATALOGUE = [
         "model/logits_vs_transformers", "logits"),
     # ---------------------------------------------------------------- engine bookkeeping
     Bug("prompt-logprobs-score-the-same-token", "fast.worker.model_runner",
-        "logprob_entry(lp[j], st.token_ids[p + 1], top[j])", "logprob_entry(lp[j], st.token_ids[p], top[j])",
+        "logprob_entry(lp[j], st.token_at(p + 1), top[j])", "logprob_entry(lp[j], st.token_at(p), top[j])",
         "e2e/workloads_vs_oracle", "prompt"),
     Bug("cumulative-logprob-not-summed", "fast.core.scheduler",
         "r.cumulative_logprob += entry[token].logprob", "r.cumulative_logprob = entry[token].logprob",
