@@ -1,7 +1,8 @@
 """Scheduling state of one sample (`Request`) and of a user request with n samples (`RequestGroup`).
 
-The per-sample state is `fast`'s own; the stop rules applied to it are the contract's
-(`ref.sequence.check_stop`, SPEC.md "Request lifecycle"). Where a sample stands in the paged cache:
+The per-sample state is `fast`'s own, stop rules included: `fast.core.detokenizer.StopChecker`
+applies SPEC.md's "Request lifecycle" rules incrementally (the oracle, `ref.sequence.check_stop`,
+re-decodes the whole output per token). Where a sample stands in the paged cache:
 
     token_ids:  | prompt ...................... | outputs ....... |
                 |<---- num_computed_tokens ---->|<- to compute ->|
@@ -16,9 +17,10 @@ import time
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from fast.core.detokenizer import StopChecker
 from ref.outputs import CompletionOutput, PromptLogprobs, RequestOutput
 from ref.sampling_params import SamplingParams
-from ref.sequence import StopContext, check_stop
+from ref.sequence import StopContext
 
 
 class Status(enum.Enum):
@@ -45,7 +47,7 @@ class SampleId(NamedTuple):
 class Request:
     """One sample: the unit the scheduler and the KV cache manager see, with its output state.
 
-    `token_ids` is prompt + outputs; the stop rules are the contract's (`ref.sequence.check_stop`)."""
+    `token_ids` is prompt + outputs; `text` and the stop rules are kept by a `StopChecker`."""
 
     request_id: SampleId  # the KV cache manager's key for this sample (tests may use any hashable)
     group: "RequestGroup"
@@ -60,7 +62,6 @@ class Request:
     num_preemptions: int = 0
     logprobs: list | None = None  # per output token, when params.logprobs is set
     cumulative_logprob: float | None = None
-    text: str = ""
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     # What the workers hold of this sample: nothing until it is first scheduled; then the first
@@ -69,9 +70,17 @@ class Request:
     num_synced_tokens: int = 0
     num_synced_blocks: int = 0
 
+    _stops: StopChecker = field(init=False, repr=False)
+
     def __post_init__(self) -> None:
         if self.params.logprobs is not None and self.logprobs is None:
             self.logprobs, self.cumulative_logprob = [], 0.0
+        self._stops = StopChecker(self.params, self.num_prompt_tokens, self.group.stop_ctx)
+
+    @property
+    def text(self) -> str:
+        """decode(output ids) as SPEC §5 defines it (trimmed once finished by a stop)."""
+        return self._stops.text
 
     @property
     def num_tokens(self) -> int:
@@ -96,8 +105,7 @@ class Request:
     def append_token(self, token_id: int) -> None:
         """Add a sampled token, refresh the text and apply the stop rules."""
         self.token_ids.append(token_id)
-        self.text, reason, stop_reason = check_stop(self.output_token_ids, self.params, self.num_prompt_tokens,
-                                                    self.group.stop_ctx)
+        reason, stop_reason = self._stops.append(token_id)
         if reason is not None:
             self.finish(reason, stop_reason)
 
