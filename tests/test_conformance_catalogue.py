@@ -257,8 +257,9 @@ CATALOGUE = [
         "base_seed = draw_base_seed(torch.Generator().manual_seed(self.config.seed))",
         "determinism/unseeded_requests_differ", "share one random stream"),
     # ---------------------------------------------------------------- stop rules and limits (SPEC §5)
-    # The stop rules are the contract code fast shares with ref: a defect there changes both
-    # sides alike, and only the output contract (conformance/contract.py) can see it.
+    # The oracle's stop rules (ref.sequence): fast has its own, incremental ones, so
+    # a defect in ref's shows as fast differing from the oracle, and in the output contract
+    # (conformance/contract.py) on the oracle's outputs. Then fast's own (fast.core.detokenizer).
     Bug("length-checked-before-the-stop-rules", "ref.sequence",  # a stop on the last allowed token
         "    text = decode(output_ids)\n    if len(output_ids) >= p.min_tokens:\n",
         "    text = decode(output_ids)\n"
@@ -272,6 +273,14 @@ CATALOGUE = [
         "e2e/stops_at_the_limit", ", want '"),
     Bug("stop-string-searched-in-the-last-token-only", "ref.sequence",
         "hit = find_stop_string(text, p.stop)", "hit = find_stop_string(decode(output_ids[-1:]), p.stop)",
+        "e2e/stops_at_the_limit", ", want '"),
+    Bug("stop-search-starts-one-character-late", "fast.core.detokenizer",
+        "start = max(0, changed - self._longest_stop + 1) if self._searched else 0",
+        "start = max(0, changed - self._longest_stop + 2) if self._searched else 0",
+        "e2e/stops_at_the_limit", "yet it went on|holds stop string|, want '"),
+    Bug("stop-token-left-in-the-text", "fast.core.detokenizer",
+        "                if p.include_stop_str_in_output:\n                    self._detok.append(token_id)\n",
+        "                self._detok.append(token_id)\n",
         "e2e/stops_at_the_limit", ", want '"),
     Bug("one-token-past-max-model-len", "ref.sequence",
         "prompt_len + len(output_ids) >= ctx.max_model_len:", "prompt_len + len(output_ids) > ctx.max_model_len:",
