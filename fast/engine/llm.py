@@ -72,7 +72,7 @@ class LLM:
         finished: dict[str, RequestOutput] = {}
         bar = _progress(len(ids)) if use_tqdm else None
         while len(finished) < len(ids):
-            for out in engine.step():
+            for out in engine.step_finished():  # the running requests' outputs are not read
                 if out.finished:
                     finished[out.request_id] = out
                     if bar is not None:

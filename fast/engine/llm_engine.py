@@ -149,12 +149,24 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ stepping
     def step(self) -> list[RequestOutput]:
+        """One step; the cumulative outputs of the requests that progressed (SPEC §2)."""
+        return self._step(report_running=True)
+
+    def step_finished(self) -> list[RequestOutput]:
+        """`step()` reporting only the requests that finished in this step: all `LLM.generate`
+        reads. A cumulative output copies its prompt, token ids, logprobs and text, O(context)
+        for each running request at each step; here a running request costs nothing."""
+        return self._step(report_running=False)
+
+    def _step(self, report_running: bool) -> list[RequestOutput]:
         t0 = time.perf_counter()
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty:
             return []
         runner_output = self.executor.execute_model(scheduler_output)
         touched = self.scheduler.update_from_output(scheduler_output, runner_output)
+        if not report_running:
+            touched = [group for group in touched if group.finished]
         outputs = self._collect(touched)
         self._elapsed += time.perf_counter() - t0
         return outputs
