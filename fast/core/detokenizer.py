@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import weakref
 from collections import deque
+from collections.abc import Callable
 from typing import NamedTuple
 
 from ref.sampling_params import SamplingParams
@@ -287,6 +288,23 @@ def _skipped_ids(codec: TextCodec) -> frozenset[int]:
         _SKIPPED_IDS[codec] = frozenset(
             t for t in special if codec.decode([t], True) == "" and codec.decode([t], False) != "")
     return _SKIPPED_IDS[codec]
+
+
+_TOKEN_TEXTS: "weakref.WeakKeyDictionary[TextCodec, dict[int, str | None]]" = weakref.WeakKeyDictionary()
+
+
+def cached_token_text(codec: TextCodec) -> Callable[[int], str | None]:
+    """`codec.token_text` with a cache per codec. A token's text alone never changes, and the
+    logprobs of one sampled token ask for up to max_logprobs + 1 of them (of each prompt
+    position too, with prompt_logprobs): a dict hit instead of a tokenizer call each."""
+    cache = _TOKEN_TEXTS.setdefault(codec, {})
+
+    def token_text(token_id: int) -> str | None:
+        if token_id not in cache:
+            cache[token_id] = codec.token_text(token_id)
+        return cache[token_id]
+
+    return token_text
 
 
 def _rewind_offsets(num_anchors: int) -> list[int]:

@@ -33,6 +33,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from fast.config import SchedulerConfig
+from fast.core.detokenizer import cached_token_text
 from fast.core.kv_cache_manager import BlockCopy, KVCacheManager, PrefixHit
 from fast.core.outputs import CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput
 from fast.core.request import Request, RequestGroup, SampleId, Status
@@ -338,7 +339,7 @@ class Scheduler:
 
 def _with_text(entry: dict[int, Logprob], group: RequestGroup) -> dict[int, Logprob]:
     """A worker's logprobs entry with each token's decoded text (workers hold no tokenizer)."""
-    token_text = group.stop_ctx.codec.token_text
+    token_text = cached_token_text(group.stop_ctx.codec)
     return {t: Logprob(lp.logprob, lp.rank, token_text(t)) for t, lp in entry.items()}
 
 
