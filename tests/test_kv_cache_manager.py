@@ -6,6 +6,8 @@ Every test calls `check_invariants()` after every operation (through the helpers
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from fast.core.kv_cache_manager import BlockCopy, KVCacheConfig, KVCacheManager, PrefixHit
 
@@ -340,3 +342,30 @@ def test_misuse_raises():
 def test_config_names_the_bad_field(num_blocks, block_size, field):
     with pytest.raises(ValueError, match=field):
         KVCacheConfig(num_blocks, block_size)
+
+
+@given(st.lists(st.tuples(st.sampled_from(["add", "free", "reset"]), st.integers(0, 3)), max_size=30))
+def test_a_resumed_lookup_equals_a_fresh_one(ops):
+    """A waiting request is looked up at every step, resuming from its last hit (`since`): under
+    random adds (which cache and evict blocks), frees and resets, the resumed lookup finds the
+    same blocks and keys as a lookup from scratch. A weak hash makes chains collide."""
+    kv = make(num_blocks=6, block_size=2, hash_fn=lambda parent, tokens, extra: hash((parent, tokens)) % 5)
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 9, 9, 9], [1, 2, 8, 8, 8], [3, 2, 3, 4, 5]]
+    live: list[str] = []
+    last: dict[int, PrefixHit] = {}
+    for step, (op, p) in enumerate(ops):
+        if op == "add":
+            hit = kv.get_computed_blocks(prompts[p])
+            if kv.allocate_slots(f"r{step}", len(prompts[p]) - hit.num_computed_tokens, hit):
+                run_forward(kv, f"r{step}", prompts[p])
+                live.append(f"r{step}")
+        elif op == "free" and live:
+            free(kv, live.pop(p % len(live)))
+        elif op == "reset":
+            kv.reset_prefix_cache()
+        for i, prompt in enumerate(prompts):  # each prompt "waits": looked up after every op
+            fresh, resumed = kv.get_computed_blocks(prompt), kv.get_computed_blocks(prompt, since=last.get(i))
+            assert [b.block_id for b in resumed.blocks] == [b.block_id for b in fresh.blocks], (i, step)
+            assert len(resumed.keys) == len(fresh.keys) and all(a is b for a, b in zip(resumed.keys, fresh.keys))
+            assert resumed.num_computed_tokens == fresh.num_computed_tokens
+            last[i] = resumed

@@ -206,6 +206,9 @@ class BlockPool:
         self._cache_index: dict[BlockHash, KVCacheBlock] = {}
         self.blocks_allocated = 0  # blocks handed out fresh by get_new_blocks, ever
         self.blocks_evicted = 0  # cached blocks whose key was dropped on reuse, ever
+        # Cache keys dropped, ever (evictions and resets): while it stays the same, every block
+        # still carries the key it had, so an earlier lookup's hit is still cached.
+        self.keys_dropped = 0
 
     # ---- observation -------------------------------------------------------------------------
 
@@ -296,6 +299,7 @@ class BlockPool:
             return False
         for block in self._cache_index.values():
             block.cache_key = None
+        self.keys_dropped += len(self._cache_index)
         self._cache_index.clear()
         return True
 
@@ -305,6 +309,7 @@ class BlockPool:
         del self._cache_index[block.cache_key.block_hash]
         block.cache_key = None
         self.blocks_evicted += 1
+        self.keys_dropped += 1
 
     # ---- invariants --------------------------------------------------------------------------
 

@@ -72,6 +72,7 @@ class PrefixHit:
     keys: tuple[BlockKey, ...]
     num_computed_tokens: int
     extra_keys: tuple[Hashable, ...] = ()
+    keys_dropped: int = -1  # the pool's count of dropped cache keys when the lookup was made
 
     @property
     def block_ids(self) -> list[BlockId]:
@@ -196,7 +197,8 @@ class KVCacheManager:
 
     # ---- prefix cache lookup -----------------------------------------------------------------
 
-    def get_computed_blocks(self, token_ids: Sequence[int], cache_salt: str | None = None) -> PrefixHit:
+    def get_computed_blocks(self, token_ids: Sequence[int], cache_salt: str | None = None,
+                            since: PrefixHit | None = None) -> PrefixHit:
         """Longest chain of cached full blocks equal to a prefix of `token_ids` (and salt).
 
         The hit stops before the block holding the last token, so at least one token is left to
@@ -206,6 +208,11 @@ class KVCacheManager:
             considered  |<------ (len - 1) // block_size blocks ------>|
             hit         | cached    | cached    | miss -> stop
 
+        `since`: an earlier hit for a prefix of the same `token_ids` (a request still waiting
+        for blocks is looked up at every step). While no cache key was dropped since, its blocks
+        still hold its keys, so the walk resumes after them instead of hashing every block again:
+        the same result, O(new blocks) instead of O(prompt).
+
         No side effect except the lookup counters.
         """
         extra_keys = self._extra_keys(cache_salt)
@@ -213,7 +220,10 @@ class KVCacheManager:
             return PrefixHit((), (), 0, extra_keys)
         blocks: list[KVCacheBlock] = []
         keys: list[BlockKey] = []
-        for index in range((len(token_ids) - 1) // self.block_size):
+        num_considered = (len(token_ids) - 1) // self.block_size
+        if since is not None and since.keys_dropped == self._pool.keys_dropped and since.extra_keys == extra_keys:
+            blocks, keys = list(since.blocks[:num_considered]), list(since.keys[:num_considered])
+        for index in range(len(blocks), num_considered):
             key = self._block_key(keys[-1] if keys else None, token_ids, index, extra_keys)
             block = self._pool.lookup(key)
             if block is None:
@@ -225,7 +235,7 @@ class KVCacheManager:
         self._lookups += 1
         self._queries += len(token_ids)
         self._hits += num_computed
-        return PrefixHit(tuple(blocks), tuple(keys), num_computed, extra_keys)
+        return PrefixHit(tuple(blocks), tuple(keys), num_computed, extra_keys, self._pool.keys_dropped)
 
     # ---- allocation --------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from fast.core.detokenizer import StopChecker
+from fast.core.kv_cache_manager import PrefixHit
 from ref.outputs import CompletionOutput, PromptLogprobs, RequestOutput
 from ref.sampling_params import SamplingParams
 from ref.sequence import StopContext
@@ -69,6 +70,7 @@ class Request:
     known_to_workers: bool = False
     num_synced_tokens: int = 0
     num_synced_blocks: int = 0
+    prefix_hit: PrefixHit | None = None  # its last prefix-cache lookup while waiting
 
     _stops: StopChecker = field(init=False, repr=False)
 

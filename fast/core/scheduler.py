@@ -206,6 +206,7 @@ class Scheduler:
             if not self.kv.allocate_slots(request.request_id, num_new, hit):
                 break
             self.waiting.remove(request)
+            request.prefix_hit = None
             request.num_computed_tokens = hit.num_computed_tokens
             request.status = Status.RUNNING
             self.running.append(request)
@@ -217,7 +218,9 @@ class Scheduler:
         need the logits of every prompt position, so every prompt token is computed)."""
         if request.params.prompt_logprobs is not None:
             return PrefixHit((), (), 0)
-        return self.kv.get_computed_blocks(request.token_ids)
+        # A request that waits is looked up at every step: resume from its last hit.
+        request.prefix_hit = self.kv.get_computed_blocks(request.token_ids, since=request.prefix_hit)
+        return request.prefix_hit
 
     def _fork(self, plan: _Plan) -> None:
         """Samples 1..n-1 of a group whose sample 0 completes its prompt in this step: each shares
