@@ -1,10 +1,20 @@
 """The C++ CPU paged-attention backend (fast/attention/cpu_backend.py) against the dense reference.
 
-The kernel is built once per test session (cached on disk by torch; under xdist the second worker
-waits on torch's build lock). Without a compiler the tests are skipped, and "auto" still works.
+The kernel is built once per machine (cached on disk; under xdist both workers may build, each in
+its own directory, and the last rename wins). Without a compiler the tests are skipped, and
+"auto" still works (it falls back to torch). Every row path of the kernel runs here: the build of
+this machine (512-bit rows on AVX-512), and variants built with -DPAGEDLM_NO_AVX512 (256-bit rows)
+and -DPAGEDLM_PORTABLE_ONLY (no vector path).
 """
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +30,7 @@ from conformance.kernels import (
     check_backend_matches_reference,
     fixed_spec,
 )
+import fast.attention.cpu_backend as cpu
 from fast.attention import AttentionMetadata, TorchAttentionBackend, get_backend
 from fast.attention.cpu_backend import CpuAttentionBackend, CpuKernelUnavailable
 
@@ -119,25 +130,130 @@ def test_planted_off_by_one_is_caught() -> None:
     check_backend_matches_reference(BACKEND, batch)  # the real build passes the same batch
 
 
-@needs_kernel
-def test_auto_on_cpu_picks_the_cpu_kernel_when_enabled(monkeypatch) -> None:
-    import fast.attention as attention
+# ----------------------------------------------------------------------------- every row path
 
-    monkeypatch.setattr(attention, "AUTO_CPU", "cpu")
+VARIANTS = {"native": (), "256-bit rows": ("PAGEDLM_NO_AVX512",), "portable": ("PAGEDLM_PORTABLE_ONLY",)}
+
+# Decode-only batches reaching the kernel's paths: tiles crossing blocks (block 8), several tiles
+# per block (block 32), windows starting mid-block, partial and one-position tiles, GQA groups
+# served in full passes and a remainder pass (7 = 4 + 3, 6 = 4 + 2 or 2 + 2 + 2), head_dim 20 (no
+# vector path), and >= 8 sequences (work items of whole sequences at <= 2 threads).
+PATH_SPECS = [
+    fixed_spec([(1, 1), (1, 17), (1, 100)], 8, group=7, num_kv_heads=2, head_dim=64, q_gain=4.0),
+    fixed_spec([(1, 33), (1, 64), (1, 5)], 32, group=6, num_kv_heads=2, head_dim=128, sliding_window=21),
+    fixed_spec([(1, n) for n in (1, 16, 17, 31, 48, 49, 70, 3, 90)], 16, group=4, num_kv_heads=2, head_dim=64,
+               sliding_window=37),
+    fixed_spec([(1, 40), (1, 9)], 16, group=3, num_kv_heads=1, head_dim=20),
+    fixed_spec([(1, 40), (1, 29)], 16, group=2, num_kv_heads=2, head_dim=48, dtype=torch.float16),
+    fixed_spec([(1, n) for n in range(20, 29)], 8, group=8, num_kv_heads=2, head_dim=32, dtype=torch.bfloat16,
+               sliding_window=11),
+]
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS), ids=list(VARIANTS))
+def variant(request) -> CpuAttentionBackend:
+    if BACKEND is None:
+        pytest.skip("C++ kernel not buildable here")
+    return CpuAttentionBackend(defines=VARIANTS[request.param])
+
+
+@pytest.mark.parametrize("spec", PATH_SPECS, ids=lambda s: s.describe()[:60])
+@pytest.mark.parametrize("heads_per_item", ["one kv head", "whole sequence"])
+def test_every_row_path_matches_dense_reference(variant, spec, heads_per_item, monkeypatch) -> None:
+    """Each build variant, with both work-item shapes, against the oracle (NaN in unused slots)."""
+    if heads_per_item == "whole sequence":
+        monkeypatch.setattr(cpu, "heads_per_item", lambda num_seqs, num_kv_heads, threads: num_kv_heads)
+    else:
+        monkeypatch.setattr(cpu, "heads_per_item", lambda num_seqs, num_kv_heads, threads: 1)
+    check_backend_matches_reference(variant, build_batch(spec, unused_fill=float("nan")))
+
+
+@needs_kernel
+def test_row_paths_and_plan() -> None:
+    """head_dim 20 has no vector path anywhere; the variants take the paths their names say."""
+    assert BACKEND.row_path(20) == 0
+    assert CpuAttentionBackend(defines=VARIANTS["portable"]).row_path(64) == 0
+    assert CpuAttentionBackend(defines=VARIANTS["256-bit rows"]).row_path(64) in (0, 256)
+    assert BACKEND.row_path(64) in (0, 256, 512)
+    spec = fixed_spec([(1, 9)] * 8 + [(3, 3)], 16, group=4, num_kv_heads=2, head_dim=64)
+    batch = build_batch(spec)
+    plan = BACKEND.decode_plan(8, tuple(batch.k_cache.shape), batch.metadata)
+    assert plan.heads_per_item == cpu.heads_per_item(8, 2, torch.get_num_threads())
+    assert plan.row_bits == BACKEND.row_path(64) and plan.heads_per_pass >= 1
+
+
+# ----------------------------------------------------------------------------- "auto" and the build
+
+
+@needs_kernel
+def test_auto_on_cpu_picks_the_cpu_kernel() -> None:
     assert isinstance(get_backend("auto", "cpu"), CpuAttentionBackend)
 
 
 def test_build_failure_raises_clear_error_and_auto_falls_back(monkeypatch) -> None:
-    """No compiler: constructing the backend names the cause; "auto" (set to prefer the cpu
-    kernel) warns and returns the torch backend."""
+    """No compiler: constructing the backend names the cause; "auto" warns and returns the torch
+    backend, which then runs."""
     import fast.attention as attention
-    import fast.attention.cpu_backend as cpu
 
     monkeypatch.setattr(cpu, "_libraries", {})  # forget this process's build
     monkeypatch.setattr(cpu, "CFLAGS", (*cpu.CFLAGS, "-DPAGEDLM_TEST_NO_COMPILER"))  # a name not on disk
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     with pytest.raises(CpuKernelUnavailable, match="could not build"):
         CpuAttentionBackend()
-    monkeypatch.setattr(attention, "AUTO_CPU", "cpu")
+    assert attention.AUTO_CPU == "cpu"
     with pytest.warns(RuntimeWarning, match="uses the torch backend"):
-        assert isinstance(get_backend("auto", "cpu"), TorchAttentionBackend)
+        backend = get_backend("auto", "cpu")
+    assert type(backend) is TorchAttentionBackend
+    check_backend_matches_reference(backend, build_batch(TARGETED_CASES[0].spec))
+
+
+BUILD_SCRIPT = textwrap.dedent("""
+    import sys
+    from fast.attention.cpu_backend import load_kernel
+    load_kernel(tuple(sys.argv[1:]))
+""")
+
+
+def build_in_subprocess(extensions_dir: Path, define: str, timeout: float = 240) -> subprocess.Popen:
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions_dir)}
+    return subprocess.Popen([sys.executable, "-c", BUILD_SCRIPT, define], env=env, cwd=Path(cpu.__file__).parents[2],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@needs_kernel
+def test_build_ignores_a_stale_lock_and_removes_killed_builds(tmp_path) -> None:
+    """A build killed mid-way leaves torch's lock file in the extension's directory (with torch's
+    own build every later build then waits on it forever) and its build directory: the next
+    build neither waits nor keeps the old directory."""
+    define = f"PAGEDLM_TEST_STALE_LOCK_{os.getpid()}"
+    name = cpu.extension_name((define,))
+    final_dir = tmp_path / name
+    final_dir.mkdir()
+    (final_dir / "lock").touch()  # what torch's FileBaton leaves behind
+    killed = tmp_path / f"{name}.build-killed"
+    killed.mkdir()
+    (killed / "lock").touch()
+    old = time.time() - 2 * cpu.STALE_BUILD_S
+    os.utime(killed, (old, old))
+    fresh = tmp_path / f"{name}.build-running"  # a build in progress elsewhere: kept
+    fresh.mkdir()
+    proc = build_in_subprocess(tmp_path, define)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out
+    assert (final_dir / f"{name}.so").is_file()
+    assert not killed.exists() and fresh.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, fresh.name])
+
+
+@needs_kernel
+def test_concurrent_builds_both_succeed(tmp_path) -> None:
+    """Two processes building the same new kernel at once: both load it, one library is left, and
+    no build directory."""
+    define = f"PAGEDLM_TEST_CONCURRENT_{os.getpid()}"
+    name = cpu.extension_name((define,))
+    procs = [build_in_subprocess(tmp_path, define) for _ in range(2)]
+    for proc in procs:
+        out, _ = proc.communicate(timeout=240)
+        assert proc.returncode == 0, out
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+    assert [p.name for p in (tmp_path / name).iterdir()] == [f"{name}.so"]

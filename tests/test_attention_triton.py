@@ -8,6 +8,7 @@ Hypothesis profile is `deep` or a GPU is present.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -70,8 +71,21 @@ def test_triton_split_kv_on_a_mixed_batch() -> None:
 
 
 def test_get_backend_triton_and_auto() -> None:
+    """"auto" is triton on a GPU, the C++ "cpu" kernel on CPU (torch where it cannot be built)."""
+    from fast.attention.cpu_backend import CpuKernelUnavailable, load_kernel
+
     assert isinstance(get_backend("triton", DEVICE), TritonAttentionBackend)
-    assert get_backend("auto", DEVICE).name == ("triton" if ON_GPU else "torch")
+    if ON_GPU:
+        assert get_backend("auto", DEVICE).name == "triton"
+    else:
+        try:
+            load_kernel()
+            expected = "cpu"
+        except CpuKernelUnavailable:
+            expected = "torch"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the fallback's warning (tested elsewhere)
+            assert get_backend("auto", DEVICE).name == expected
 
 
 @pytest.mark.parametrize("splits", [0, 3, 32])

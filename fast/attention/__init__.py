@@ -1,6 +1,6 @@
 """Paged attention: the KV-cache store and the attention over it, behind one small registry.
 
-    backend = get_backend("auto", device)          # "triton" on CUDA, AUTO_CPU otherwise
+    backend = get_backend("auto", device)          # "triton" on CUDA, AUTO_CPU ("cpu") otherwise
     backend.store_kv(key, value, k_cache, v_cache, slot_mapping)
     out = backend.forward(q, k_cache, v_cache, metadata, scale, sliding_window)
 
@@ -20,12 +20,11 @@ from fast.attention.torch_backend import TorchAttentionBackend
 
 BACKEND_NAMES = ("auto", "torch", "triton", "cpu")
 
-# What "auto" picks on a CPU device. The "cpu" backend (C++ paged decode kernel) beats "torch" on
-# every decode case of benchmarks/bench_attention.py (README, Performance), but tests/
-# test_attention_api.py and tests/test_attention_triton.py still pin "auto" on CPU to "torch":
-# set this to "cpu" together with them. With "cpu", a kernel that cannot be built falls back to
-# "torch" (a warning says why).
-AUTO_CPU = "torch"
+# What "auto" picks on a CPU device: the "cpu" backend (C++ paged decode kernel), which beats the
+# torch backend on every decode case of benchmarks/bench_attention.py, and dense contiguous SDPA
+# and compiled FlexAttention over the paged cache too (README, Performance). Where its kernel cannot
+# be built (no compiler, no ninja), "auto" warns and uses "torch".
+AUTO_CPU = "cpu"
 
 __all__ = [
     "BACKEND_NAMES",
@@ -39,7 +38,8 @@ __all__ = [
 
 
 def get_backend(name: str = "auto", device: torch.device | str | None = None) -> AttentionBackend:
-    """A new backend by name; "auto" picks "triton" for a CUDA device, AUTO_CPU otherwise.
+    """A new backend by name; "auto" picks "triton" for a CUDA device, AUTO_CPU otherwise ("cpu",
+    or "torch" with a RuntimeWarning when the C++ kernel cannot be built).
 
     device None means CUDA when available, else CPU. The "triton" backend on a CPU device needs
     TRITON_INTERPRET=1 set before its module is first imported (it raises otherwise).
