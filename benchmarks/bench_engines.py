@@ -125,8 +125,10 @@ def test_memory(benchmark, bench_model, scale, engine):
     orca = harness.orca_baselines(workload, budget)
     benchmark.extra_info["kv_budget_slots"] = budget
     benchmark.extra_info.update(orca)
-    if result.mean_concurrent is not None:
-        benchmark.extra_info["concurrency_mean_over_orca_max"] = result.mean_concurrent / orca["orca_max_concurrency_mean"]
-        benchmark.extra_info["concurrency_mean_over_orca_oracle"] = (
-            result.mean_concurrent / orca["orca_oracle_concurrency_mean"])
-    benchmark.extra_info["concurrency_max_over_orca_max"] = result.max_concurrent / orca["orca_max_concurrency_max"]
+    sat = (result.kv_stats or {}).get("concurrency_saturated_mean")
+    for base in ("orca_max", "orca_oracle"):
+        if result.mean_concurrent is not None:
+            benchmark.extra_info[f"concurrency_mean_over_{base}"] = result.mean_concurrent / orca[f"{base}_concurrency_mean"]
+        if sat is not None and orca[f"{base}_concurrency_saturated_mean"]:
+            benchmark.extra_info[f"concurrency_saturated_over_{base}"] = sat / orca[f"{base}_concurrency_saturated_mean"]
+        benchmark.extra_info[f"concurrency_max_over_{base}"] = result.max_concurrent / orca[f"{base}_concurrency_max"]

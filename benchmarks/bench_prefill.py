@@ -164,7 +164,7 @@ def test_prefill(benchmark, bench_model, scale, gemm_timer, variant):
     vocab = ModelConfig.from_pretrained(bench_model).vocab_size
     engine = LLMEngine(EngineConfig(model=bench_model, max_model_len=MAX_MODEL_LEN, enable_prefix_caching=False,
                                     **VARIANTS[variant]))
-    steps, _ = harness.record_steps(engine)
+    steps, _, _ = harness.record_steps(engine)
     rng = random.Random(7)
     harness._drive(engine, _workload(rng, n, length, vocab), id_prefix="warm-")  # not timed
     warm_steps = list(steps)

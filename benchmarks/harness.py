@@ -137,23 +137,32 @@ class KVMonitor:
         }
 
 
-def record_steps(engine) -> tuple[list[tuple[int, int]], list[int]]:
+def record_steps(engine) -> tuple[list[tuple[int, int]], list[int], list[int]]:
     """Wrap the engine's executor to record, per executed step, (tokens through the model, logits
-    rows) — what the GEMM floor replays — and the running requests during the step. Returns the
-    two lists, filled as the engine runs."""
+    rows) — what the GEMM floor replays — and the running and waiting requests during the step.
+    Returns the three lists, filled as the engine runs."""
     steps: list[tuple[int, int]] = []
     running: list[int] = []
+    waiting: list[int] = []
     executor = engine.executor
     original_execute = executor.execute_model
 
     def execute_model(scheduler_output):
         running.append(len(engine.scheduler.running))
+        waiting.append(len(engine.scheduler.waiting))
         runner_output = original_execute(scheduler_output)
         steps.append((scheduler_output.total_num_scheduled_tokens, len(runner_output.req_ids)))
         return runner_output
 
     executor.execute_model = execute_model
-    return steps, running
+    return steps, running, waiting
+
+
+def _saturated_mean(running: list[int], waiting: list[int]) -> float | None:
+    """Mean running requests over the steps in which some request still waited (memory, not
+    demand, was the limit)."""
+    sat = [r for r, w in zip(running, waiting) if w > 0]
+    return sum(sat) / len(sat) if sat else None
 
 
 def run_fast(model_dir: str, workload: Workload, **options) -> RunResult:
@@ -161,7 +170,7 @@ def run_fast(model_dir: str, workload: Workload, **options) -> RunResult:
     from fast import EngineConfig, LLMEngine
 
     engine = LLMEngine(EngineConfig(model=model_dir, max_model_len=workload.max_model_len, **options))
-    steps, running = record_steps(engine)
+    steps, running, waiting = record_steps(engine)
     monitor = KVMonitor(engine)
     wall, ttft, tpot = _drive(engine, workload, monitor)
     m = engine.get_metrics()
@@ -172,7 +181,7 @@ def run_fast(model_dir: str, workload: Workload, **options) -> RunResult:
                      max_concurrent=max(running, default=0), preemptions=m.num_preemptions,
                      prefix_hit_rate=m.prefix_cache_hit_rate, step_tokens=steps,
                      mean_concurrent=sum(running) / len(running) if running else None,
-                     kv_stats=monitor.stats())
+                     kv_stats={**monitor.stats(), "concurrency_saturated_mean": _saturated_mean(running, waiting)})
 
 
 # ----------------------------------------------------------------------------- contiguous baselines
@@ -184,10 +193,12 @@ def contiguous_concurrency(requests: list[tuple[int, int]], budget_slots: int,
     `reserve(prompt_len, max_tokens)` slots are free, holding them until it finishes; each step
     every running request makes one token (the admission step computes the prompt and makes
     the first). requests: (prompt_len, max_tokens) in arrival order, all arriving at once.
-    Returns {"max", "mean" (running requests per step), "steps"}."""
+    Returns {"max", "mean" (running requests per step), "saturated_mean" (the mean over the
+    steps in which a request still waited), "steps"}."""
     queue = deque(requests)
     running: list[list[int]] = []  # [tokens still to make, reserved slots]
     free, steps, total, peak = budget_slots, 0, 0, 0
+    sat_steps = sat_total = 0
     while queue or running:
         while queue and reserve(*queue[0]) <= free:
             p, m = queue.popleft()
@@ -199,11 +210,15 @@ def contiguous_concurrency(requests: list[tuple[int, int]], budget_slots: int,
         steps += 1
         total += len(running)
         peak = max(peak, len(running))
+        if queue:
+            sat_steps += 1
+            sat_total += len(running)
         for r in running:
             r[0] -= 1
         free += sum(r[1] for r in running if r[0] <= 0)
         running = [r for r in running if r[0] > 0]
-    return {"max": peak, "mean": total / steps if steps else 0.0, "steps": steps}
+    return {"max": peak, "mean": total / steps if steps else 0.0,
+            "saturated_mean": sat_total / sat_steps if sat_steps else None, "steps": steps}
 
 
 def orca_baselines(workload: Workload, budget_slots: int) -> dict:
@@ -221,6 +236,7 @@ def orca_baselines(workload: Workload, budget_slots: int) -> dict:
     for name, rule in rules.items():
         c = contiguous_concurrency(reqs, budget_slots, rule)
         out[f"{name}_concurrency_max"], out[f"{name}_concurrency_mean"] = c["max"], c["mean"]
+        out[f"{name}_concurrency_saturated_mean"] = c["saturated_mean"]
     return out
 
 

@@ -62,9 +62,9 @@ def roofline_md(rs: list[dict]) -> str:
     r = next((r for r in rs if r.get("gemm_floor_s") is not None), None)
     if r is None:
         return ""
-    alone = ", ".join(f"{k} alone {v:.2f} s" for k, v in (r.get("gemm_floor_by_impl_s") or {}).items())
+    alone = ", ".join(f"{k} alone {v:.3f} s" for k, v in (r.get("gemm_floor_by_impl_s") or {}).items())
     peak = r.get("peak_flops")
-    return (f"GEMM floor of the offline workload (fast's own schedule): **{r['gemm_floor_s']:.2f} s**, set by "
+    return (f"GEMM floor of the offline workload (fast's own schedule): **{r['gemm_floor_s']:.3f} s**, set by "
             f"{r.get('gemm_floor_impl', 'F.linear')} ({alone}). fp32 GEMM peak: "
             f"{fmt(peak / 1e9 if peak else None, '.0f')} GFLOP/s ({r.get('peak_flops_impl', 'torch.mm')}).\n")
 
@@ -73,21 +73,27 @@ def memory_md(doc: dict) -> str:
     rs = _by_name(doc, "memory")
     if not rs or all("orca_max_concurrency_max" not in r for r in rs):
         return ""
-    r0 = rs[0]
-    conc = lambda r, k: f"{fmt(r.get(k + '_concurrency_mean'), '.1f')} / {fmt(r.get(k + '_concurrency_max'), 'd')}"  # noqa: E731
-    lines = [f"Memory: equal KV memory of {r0.get('kv_budget_slots', '?')} token slots. Concurrency = running "
-             "requests per step, mean / max; the Orca rows are computed from the workload (contiguous "
-             "reservation: max_model_len, next power of two, prompt + max_tokens; FCFS).", "",
-             "| engine | mean / max conc. | ÷ Orca-Max (mean) | Orca-Max | Orca-Pow2 | Orca-Oracle | KV util "
-             "| util at peak | pool used mean / peak | tokens held / req | waste / req | util if block 8 / 32 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    conc = lambda r, k: " / ".join([fmt(r.get(f"{k}_concurrency_mean"), ".1f"),  # noqa: E731
+                                    fmt(r.get(f"{k}_concurrency_saturated_mean"), ".1f"),
+                                    fmt(r.get(f"{k}_concurrency_max"), "d")])
+    lines = [f"Memory: equal KV memory of {rs[0].get('kv_budget_slots', '?')} token slots. Concurrency = running "
+             "requests per step: mean over all steps / mean over the steps in which requests still wait "
+             "(memory-bound) / max. The Orca columns are computed from the workload (contiguous reservation of "
+             "max_model_len, of the next power of two, of prompt + max_tokens; FCFS, one token per step). KV util = "
+             "Σ tokens held ÷ Σ slots of allocated blocks, sampled after every step (harness.KVMonitor); waste / "
+             "req = slots allocated but empty per running request ((block_size - 1) / 2 expected).", "",
+             "| engine | conc. mean / waiting / max | Orca-Max | Orca-Pow2 | Orca-Oracle | ÷ Orca-Max (waiting) "
+             "| ÷ Orca-Oracle (waiting) | KV util | util at peak | pool used mean / peak | tokens held / req "
+             "| waste / req | util if block 8 / 32 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rs:
         what_if = r.get("kv_util_if_block_size") or {}
-        mean = r.get("mean_concurrent")
         lines.append("| " + " | ".join([
-            r["name"], f"{fmt(mean, '.1f')} / {fmt(r.get('max_concurrent'), 'd')}",
-            fmt(r.get("concurrency_mean_over_orca_max"), ".2f"),
+            r["name"], " / ".join([fmt(r.get("mean_concurrent"), ".1f"), fmt(r.get("concurrency_saturated_mean"), ".1f"),
+                                   fmt(r.get("max_concurrent"), "d")]),
             conc(r, "orca_max"), conc(r, "orca_pow2"), conc(r, "orca_oracle"),
+            fmt(r.get("concurrency_saturated_over_orca_max"), ".2f"),
+            fmt(r.get("concurrency_saturated_over_orca_oracle"), ".2f"),
             fmt(r.get("kv_utilization"), ".1%"), fmt(r.get("kv_utilization_at_peak"), ".1%"),
             f"{fmt(r.get('kv_pool_usage_mean'), '.0%')} / {fmt(r.get('kv_pool_usage_peak'), '.0%')}",
             fmt(r.get("kv_tokens_per_request"), ".1f"), fmt(r.get("kv_waste_per_request"), ".2f"),

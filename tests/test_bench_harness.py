@@ -16,14 +16,14 @@ from benchmarks.workloads import Workload, model_dir
 def test_contiguous_concurrency_admits_fcfs_and_frees_at_finish():
     # reservations of 5 in 10 slots: two run for 3 steps, then the third alone for 3
     c = harness.contiguous_concurrency([(2, 3)] * 3, 10, lambda p, m: p + m)
-    assert c == {"max": 2, "mean": 1.5, "steps": 6}
+    assert c == {"max": 2, "mean": 1.5, "saturated_mean": 2.0, "steps": 6}
 
 
 def test_contiguous_concurrency_no_overtaking():
     # 11 slots: b (8) waits for a (6) to finish, and c (3) waits behind b though it would fit:
     # [a] [a] [b, c] [b, c] [c]; with overtaking it would be [a, c] [a, c] [b, c] [b]
     c = harness.contiguous_concurrency([(4, 2), (6, 2), (0, 3)], 11, lambda p, m: p + m)
-    assert c == {"max": 2, "mean": 7 / 5, "steps": 5}
+    assert c == {"max": 2, "mean": 7 / 5, "saturated_mean": 1.0, "steps": 5}
     with pytest.raises(ValueError, match="budget"):
         harness.contiguous_concurrency([(20, 1)], 10, lambda p, m: p + m)
 
