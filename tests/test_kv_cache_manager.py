@@ -369,3 +369,19 @@ def test_a_resumed_lookup_equals_a_fresh_one(ops):
             assert len(resumed.keys) == len(fresh.keys) and all(a is b for a, b in zip(resumed.keys, fresh.keys))
             assert resumed.num_computed_tokens == fresh.num_computed_tokens
             last[i] = resumed
+
+
+def test_a_resumed_lookup_drops_blocks_reused_for_other_tokens():
+    """The blocks of an earlier hit were evicted and now hold (and are cached with) other tokens:
+    the resumed lookup must not keep them just because they carry a key."""
+    kv = make(num_blocks=4, block_size=2)
+    prompt = [1, 2, 3, 4, 5]
+    add(kv, "a", prompt)
+    free(kv, "a")
+    earlier = kv.get_computed_blocks(prompt)
+    assert earlier.num_computed_tokens == 4
+    add(kv, "x", [7, 8, 9, 10, 11, 12, 13, 14])  # takes all 4 blocks and caches them with its tokens
+    free(kv, "x")
+    assert all(block.cache_key is not None for block in earlier.blocks)
+    resumed = kv.get_computed_blocks(prompt, since=earlier)
+    assert resumed.num_computed_tokens == 0 and resumed.blocks == ()

@@ -209,9 +209,9 @@ class KVCacheManager:
             hit         | cached    | cached    | miss -> stop
 
         `since`: an earlier hit for a prefix of the same `token_ids` (a request still waiting
-        for blocks is looked up at every step). While no cache key was dropped since, its blocks
-        still hold its keys, so the walk resumes after them instead of hashing every block again:
-        the same result, O(new blocks) instead of O(prompt).
+        for blocks is looked up at every step). Its blocks that still carry its keys are hit
+        again without hashing their tokens; the walk resumes after them: the same result, in
+        O(new blocks) when no key was dropped since, instead of O(prompt) hashes.
 
         No side effect except the lookup counters.
         """
@@ -221,8 +221,9 @@ class KVCacheManager:
         blocks: list[KVCacheBlock] = []
         keys: list[BlockKey] = []
         num_considered = (len(token_ids) - 1) // self.block_size
-        if since is not None and since.keys_dropped == self._pool.keys_dropped and since.extra_keys == extra_keys:
-            blocks, keys = list(since.blocks[:num_considered]), list(since.keys[:num_considered])
+        if since is not None and since.extra_keys == extra_keys:
+            num_kept = self._num_still_cached(since, num_considered)
+            blocks, keys = list(since.blocks[:num_kept]), list(since.keys[:num_kept])
         for index in range(len(blocks), num_considered):
             key = self._block_key(keys[-1] if keys else None, token_ids, index, extra_keys)
             block = self._pool.lookup(key)
@@ -236,6 +237,17 @@ class KVCacheManager:
         self._queries += len(token_ids)
         self._hits += num_computed
         return PrefixHit(tuple(blocks), tuple(keys), num_computed, extra_keys, self._pool.keys_dropped)
+
+    def _num_still_cached(self, hit: PrefixHit, limit: int) -> int:
+        """How many leading blocks of an earlier hit (at most `limit`) still carry its keys: all
+        of them if no key was dropped since (O(1)), else up to the first that lost its key. A key
+        object is attached to one block once, ever, so `is` proves the cached content the same."""
+        if hit.keys_dropped == self._pool.keys_dropped:
+            return min(len(hit.blocks), limit)
+        for index, (block, key) in enumerate(zip(hit.blocks[:limit], hit.keys)):
+            if block.cache_key is not key:
+                return index
+        return min(len(hit.blocks), limit)
 
     # ---- allocation --------------------------------------------------------------------------
 
