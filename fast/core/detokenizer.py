@@ -68,6 +68,7 @@ MAX_ANCHORS = 64  # commit points kept to fall back to; beyond them, a full deco
 # Metaspace decoder drops its leading space) and a clean-up may rewrite a few characters before
 # the new token (" ' " -> "'"): the context absorbs the first and lets the check see the second.
 CONTEXT_TOKENS = 4
+MAX_UNJOINED = 256
 
 
 class IncrementalDetokenizer:
@@ -88,7 +89,9 @@ class IncrementalDetokenizer:
         self._ids: list[int] = []  # the output ids the decode sees (dropped tokens left out)
         self._anchors: deque[_Anchor] = deque(maxlen=MAX_ANCHORS)  # oldest first; newest = current
         self._committed = ""  # the committed text, up to the pieces not yet joined
-        self._unjoined: list[str] = []  # committed pieces, joined only when someone reads `text`
+        # Committed pieces, joined when someone reads `text` or when MAX_UNJOINED pile up (one
+        # small str per token would hold ~50 bytes a token; joining every 256 costs O(length/256)).
+        self._unjoined: list[str] = []
         self._recent = ""
         self._tail = ""
         self.num_rewinds = 0  # steps whose token changed committed text (tests, benchmarks read it)
@@ -102,10 +105,13 @@ class IncrementalDetokenizer:
     @property
     def text(self) -> str:
         """The whole text: O(length) to build, so the per-token path never reads it."""
+        self._join()
+        return self._committed + self._tail
+
+    def _join(self) -> None:
         if self._unjoined:
             self._committed += "".join(self._unjoined)
             self._unjoined.clear()
-        return self._committed + self._tail
 
     def text_from(self, start: int) -> str:
         """text[start:]: O(len(text) - start) while `start` is within the last `lookback`
@@ -149,6 +155,8 @@ class IncrementalDetokenizer:
             prefix, context = self._new_context(end)
         self._anchors.append(_Anchor(end, prefix, context, anchor.length + len(self._tail)))
         self._unjoined.append(self._tail)
+        if len(self._unjoined) >= MAX_UNJOINED:
+            self._join()
         if self._lookback:
             self._recent = (self._recent + self._tail)[-self._lookback:]
         self._tail = ""
