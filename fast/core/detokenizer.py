@@ -11,16 +11,18 @@ request. `StopChecker` makes the same decisions from the same text, kept by an
     text       = decode(ids[:read])   +   decode(ids[prefix:])[len(decode(ids[prefix:read])):]
                  (kept; never decoded again)  (the window: the only part decoded per token)
 
-- `read` moves to the end of the ids (the tail is *committed*) only where the text does not end
-  in U+FFFD: there the decoder holds no partial UTF-8 character that a later token could complete,
-  so the committed text is final. Commits happen at the start of the next `append`.
-- The context tokens are decoded with the tail because a decoder may treat the first token of a
-  sequence differently (a Metaspace decoder drops its leading space); they are the tokens of the
-  previous commit, never tokens whose text is empty.
+- `read` moves to the end of the ids (the tail is *committed*, a new anchor) only where the text
+  does not end in U+FFFD: there the decoder holds no partial UTF-8 character that a later token
+  could complete, so the committed text is final. Commits happen at the start of the next `append`.
+- The window starts CONTEXT_TOKENS to 2 * CONTEXT_TOKENS tokens before `read`, at an older anchor
+  (where no character is split). A decoder may treat a sequence's first token differently (a
+  Metaspace decoder drops its leading space) and a clean-up may rewrite the characters just before
+  a new token: the context absorbs the first and puts the second where the check below sees it.
 - Checked, not assumed: when the window's text does not start with the context's own text, the new
-  token changed text before `read` (e.g. `clean_up_tokenization_spaces` removing a space before
-  punctuation, or a byte-fallback group turning invalid). That step falls back to a full decode and
-  the window restarts from token 0.
+  token changed text before `read` (`clean_up_tokenization_spaces` turning " ' " into "'", a
+  byte-fallback group turning invalid). The step rewinds to an older anchor whose context still
+  decodes alike (1, 2, 4, ... commits back; a full decode past the oldest kept), so the text is
+  still exactly the full decode, at a cost of O(how far back the change reached).
 - Tokens that the decode drops anyway (special tokens under skip_special_tokens) are dropped on
   arrival: a run of them costs no decode and no window.
 
@@ -183,13 +185,12 @@ class IncrementalDetokenizer:
             anchor = kept[-back]
             window = self._decode(self._ids[anchor.prefix:])
             if window.startswith(anchor.context):
+                for _ in range(back - 1):
+                    self._anchors.pop()
                 break
         else:
             self.num_full_decodes += 1
-            anchor, back, window = _ORIGIN, len(kept) + 1, self._decode(self._ids)
-        for _ in range(back - 1):
-            self._anchors.pop()
-        if anchor is _ORIGIN:
+            anchor, window = _ORIGIN, self._decode(self._ids)
             self._anchors.clear()
         self._committed = old[:anchor.length]
         self._recent = self._committed[-self._lookback:] if self._lookback else ""
@@ -201,7 +202,8 @@ class IncrementalDetokenizer:
 
     # ---- invariants ---------------------------------------------------------------------------
     def check_invariants(self, output_ids: list[int]) -> None:
-        """Compare with full decodes of `output_ids` (every id appended so far): O(length²)."""
+        """Compare with full decodes of `output_ids` (every id appended so far) and of each kept
+        anchor's ids: O(MAX_ANCHORS * length), for tests."""
         full = self._codec.decode(list(output_ids), self._skip)
         assert self.text == full, f"incremental text {self.text!r} != full decode {full!r} of {list(output_ids)}"
         if not self._codec.has_tokenizer:
