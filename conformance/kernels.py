@@ -12,8 +12,10 @@ backend, then the random batches. Each batch is classified into the code paths i
 batch's own shape (`batch_paths`: decode-only or mixed, chunk over cached context, window, GQA
 group, dtype, ...) and, for a backend that exposes `launch_shape` (the Triton one), the kernel
 paths its launch implies (`launch_paths`: decode row block, tiles per program, query blocks per
-sequence, split-KV segments, ...). `KernelCoverage` records the paths reached per backend and
-fails naming every required path that no case reached.
+sequence, split-KV segments, ...), and for one that exposes `decode_plan` (the C++ "cpu" one) the
+paths of its decode kernel (`cpu_paths`: row path, tiles across cache blocks, passes of query
+heads, ...). `KernelCoverage` records the paths reached per backend and fails naming every
+required path that no case reached.
 """
 
 from __future__ import annotations
@@ -208,6 +210,13 @@ def check_backend_matches_reference(backend: AttentionBackend, batch: PagedBatch
     for i, (seq, expected) in enumerate(zip(batch.spec.seqs, expected_outputs(batch))):
         actual, expected = out[start : start + seq.query_len].cpu(), expected.cpu()
         name = f"{label or backend.name} sequence {i} (query_len={seq.query_len}, seq_len={seq.seq_len}) [query, head, dim]"
+        # assert_close compares |diff| > bound, which is False for NaN: a NaN output (a read of a
+        # NaN-filled unused slot, a head never computed) would pass it. Non-finite values first.
+        bad = ~torch.isfinite(actual.float()) & torch.isfinite(expected.float())
+        if bool(bad.any()):
+            idx = tuple(int(j) for j in bad.nonzero()[0])
+            raise AssertionError(f"{name}: {int(bad.sum())}/{bad.numel()} elements not finite; first at {idx}: "
+                                 f"actual={actual[idx].item():.6g} expected={expected[idx].item():.6g}")
         assert_close(name, actual, expected, atol, rtol)
         start += seq.query_len
 
@@ -258,6 +267,78 @@ SPLIT_KV_PATHS: tuple[str, ...] = (
     "split-KV: short last segment",
     "split-KV: empty segment",
 )
+
+
+# Paths of the C++ "cpu" decode kernel (a backend exposing `decode_plan`, `row_path` and
+# `heads_per_pass`), reached by its decode sequences only (its prefill chunks run the torch path).
+# Required of it: CPU_PATHS, the row path of each head_dim of HEAD_DIMS on this build ("rows in
+# 512-bit vectors" with AVX-512, 256-bit with AVX2, "rows in portable loops" elsewhere), and on a
+# vector build CPU_VECTOR_PATHS (the partial pass only where some head_dim's pass holds more than
+# one head). Reported, not required: "work items of whole sequences" (>= 4 decodes per thread,
+# out of the tier's reach on a machine with many threads; tests/test_attention_cpu.py forces it).
+CPU_TILE = 16  # positions per tile of the vector path (the portable path goes block by block)
+CPU_PATHS: tuple[str, ...] = (
+    "tile within one cache block",
+    "several tiles per decode (online-softmax rescale)",
+    "partial last tile",
+    "sliding window starts mid-block",
+)
+CPU_VECTOR_PATHS: tuple[str, ...] = (
+    "tile across cache blocks (16-position tiles)",
+    "GQA heads in full passes over each row",
+    "GQA heads in a partial pass (the remainder)",
+)
+
+
+def cpu_row_path(row_bits: int) -> str:
+    return f"rows in {row_bits}-bit vectors" if row_bits else "rows in portable loops"
+
+
+def cpu_required_paths(backend: Any) -> tuple[str, ...]:
+    """What the cpu backend's cases must reach on this build (see CPU_PATHS)."""
+    rows = sorted({backend.row_path(d) for d in HEAD_DIMS}, reverse=True)
+    required = CPU_PATHS + tuple(cpu_row_path(bits) for bits in rows)
+    if any(rows):
+        vector_dims = [d for d in HEAD_DIMS if backend.row_path(d)]
+        partial = any(backend.heads_per_pass(d) > 1 for d in vector_dims)
+        required += tuple(p for p in CPU_VECTOR_PATHS if partial or "partial pass" not in p)
+    return required
+
+
+def cpu_paths(spec: BatchSpec, plan: Any) -> set[str]:
+    """The paths of the cpu kernel on `spec`'s decodes. `plan` has the fields of
+    `fast.attention.cpu_backend.DecodePlan` (row_bits, heads_per_item, heads_per_pass). The walk
+    mirrors the kernel: the visible positions [start, seq_len) in tiles of CPU_TILE from start
+    (vector path; a tile may cross blocks), or the parts of each block in the window (portable)."""
+    decodes = [s for s in spec.seqs if s.query_len == 1]
+    if not decodes:
+        return set()
+    paths = {cpu_row_path(plan.row_bits)}
+    if plan.heads_per_item > 1 and spec.num_kv_heads > 1:
+        paths.add("work items of whole sequences")
+    if plan.row_bits:
+        if spec.group >= plan.heads_per_pass:
+            paths.add("GQA heads in full passes over each row")
+        if spec.group % plan.heads_per_pass:
+            paths.add("GQA heads in a partial pass (the remainder)")
+    bs = spec.block_size
+    for s in decodes:
+        start = 0 if spec.sliding_window is None else max(0, s.seq_len - spec.sliding_window)
+        if start % bs:
+            paths.add("sliding window starts mid-block")
+        if plan.row_bits:
+            tiles = [(t, min(t + CPU_TILE, s.seq_len)) for t in range(start, s.seq_len, CPU_TILE)]
+        else:
+            tiles = [(max(start, b * bs), min(s.seq_len, (b + 1) * bs))
+                     for b in range(start // bs, _cdiv(s.seq_len, bs))]
+        if len(tiles) > 1:
+            paths.add("several tiles per decode (online-softmax rescale)")
+        if tiles[-1][1] - tiles[-1][0] < (CPU_TILE if plan.row_bits else bs):
+            paths.add("partial last tile")
+        for lo, hi in tiles:
+            crosses = lo // bs != (hi - 1) // bs
+            paths.add("tile across cache blocks (16-position tiles)" if crosses else "tile within one cache block")
+    return paths
 
 
 def batch_paths(spec: BatchSpec) -> set[str]:
@@ -427,11 +508,14 @@ class KernelTier:
         self.coverage = KernelCoverage()
         self._twins: dict[tuple[str, int], Any] = {}
         self._has_launch = {name: hasattr(b, "launch_shape") for name, b in backends.items()}
+        self._has_plan = {name: hasattr(b, "decode_plan") for name, b in backends.items()}
         self._splittable = {name: hasattr(b, "with_kv_splits") for name, b in backends.items()}
-        for name in backends:
+        for name, backend in backends.items():
             required = BATCH_PATHS
             if self._has_launch[name]:
                 required += LAUNCH_PATHS + (SPLIT_KV_PATHS if self._splittable[name] else ())
+            if self._has_plan[name]:
+                required += cpu_required_paths(backend)
             self.coverage.required[name] = required
 
     def backend(self, name: str, num_kv_splits: int | None) -> Any:
@@ -449,6 +533,10 @@ class KernelTier:
             launch = self.backend(name, num_kv_splits).launch_shape(
                 spec.num_kv_heads * spec.group, tuple(batch.k_cache.shape), batch.metadata)
             paths |= launch_paths(spec, launch)
+        if self._has_plan[name]:
+            plan = self.backends[name].decode_plan(spec.num_kv_heads * spec.group, tuple(batch.k_cache.shape),
+                                                   batch.metadata)
+            paths |= cpu_paths(spec, plan)
         return paths
 
     def run(self, name: str, spec: BatchSpec, num_kv_splits: int | None = None) -> set[str]:

@@ -182,6 +182,76 @@ def test_row_paths_and_plan() -> None:
     assert plan.row_bits == BACKEND.row_path(64) and plan.heads_per_pass >= 1
 
 
+# ----------------------------------------------------------------------------- the kernel tier's paths
+
+
+@needs_kernel
+def test_kernel_tier_targeted_cases_reach_every_cpu_path() -> None:
+    """The conformance kernel tier runs this backend against the dense oracle, and its targeted
+    cases alone reach every path it requires of it (else run_targeted fails naming them)."""
+    from conformance.kernels import CaseLimits, KernelTier, cpu_required_paths
+
+    tier = KernelTier({"cpu": BACKEND}, {"cpu": CaseLimits()})
+    tier.run_targeted()
+    assert set(cpu_required_paths(BACKEND)) <= set(tier.coverage.required["cpu"])
+
+
+@needs_kernel
+@pytest.mark.parametrize(("plant", "path"), [
+    ("PAGEDLM_PLANTED_OFF_BY_ONE", "every decode"),
+    ("PAGEDLM_PLANTED_TILE_IN_ONE_BLOCK", "tile across cache blocks (16-position tiles)"),
+    ("PAGEDLM_PLANTED_NO_REMAINDER_PASS", "GQA heads in a partial pass (the remainder)"),
+])
+def test_kernel_tier_catches_planted_cpu_kernel_bugs(plant: str, path: str) -> None:
+    """A build with a bug on one kernel path fails the tier's targeted cases, naming the case."""
+    from conformance.kernels import CaseLimits, KernelTier
+
+    planted = CpuAttentionBackend(defines=(plant,))
+    if path != "every decode" and not any(planted.row_path(d) for d in (32, 48, 64, 128)):
+        pytest.skip(f"no vector path on this machine: {path!r} is not a path here")
+    tier = KernelTier({"cpu": planted}, {"cpu": CaseLimits()})
+    with pytest.raises(AssertionError, match=r"kernel case '.*' failed on cpu"):
+        tier.run_targeted()
+
+
+def test_reference_check_fails_on_nan_outputs() -> None:
+    """A NaN output fails the check (|NaN - x| > bound is False: assert_close alone passes it)."""
+
+    class NanBackend(TorchAttentionBackend):
+        name = "nan"
+
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out[0, 0, 0] = float("nan")
+            return out
+
+    with pytest.raises(AssertionError, match="not finite"):
+        check_backend_matches_reference(NanBackend(), build_batch(TARGETED_CASES[0].spec))
+
+
+def test_cpu_paths_follow_the_kernel_walk() -> None:
+    from conformance.kernels import cpu_paths
+
+    vector = cpu.DecodePlan(row_bits=512, heads_per_item=1, heads_per_pass=4)
+    assert cpu_paths(fixed_spec([(1, 40)], 8, group=6), vector) == {  # tiles 0-15, 16-31 cross; 32-39 does not
+        "rows in 512-bit vectors", "tile across cache blocks (16-position tiles)", "tile within one cache block",
+        "several tiles per decode (online-softmax rescale)", "partial last tile",
+        "GQA heads in full passes over each row", "GQA heads in a partial pass (the remainder)"}
+    assert cpu_paths(fixed_spec([(1, 32)], 16, group=4), vector) == {
+        "rows in 512-bit vectors", "tile within one cache block",
+        "several tiles per decode (online-softmax rescale)", "GQA heads in full passes over each row"}
+    windowed = cpu_paths(fixed_spec([(1, 50)], 32, group=1, sliding_window=20), vector)  # positions 30..49
+    assert {"sliding window starts mid-block", "tile across cache blocks (16-position tiles)",
+            "partial last tile", "GQA heads in a partial pass (the remainder)"} <= windowed
+    assert "GQA heads in full passes over each row" not in windowed
+    portable = cpu.DecodePlan(row_bits=0, heads_per_item=1, heads_per_pass=1)  # block by block
+    assert cpu_paths(fixed_spec([(1, 40)], 8, group=6), portable) == {
+        "rows in portable loops", "tile within one cache block", "several tiles per decode (online-softmax rescale)"}
+    whole = cpu.DecodePlan(row_bits=256, heads_per_item=2, heads_per_pass=1)
+    assert "work items of whole sequences" in cpu_paths(fixed_spec([(1, 5)], 8, num_kv_heads=2), whole)
+    assert cpu_paths(fixed_spec([(5, 40)], 8), vector) == set()  # a prefill chunk runs the torch path
+
+
 # ----------------------------------------------------------------------------- "auto" and the build
 
 

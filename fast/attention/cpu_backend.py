@@ -218,13 +218,17 @@ class CpuAttentionBackend(TorchAttentionBackend):
         """The row path this build takes for `head_dim`: 512 or 256 (vector bits), 0 (portable)."""
         return self.lib.pagedlm_row_path(head_dim)
 
+    def heads_per_pass(self, head_dim: int) -> int:
+        """The query heads of one kv head each loaded row serves at once, for `head_dim`."""
+        return self.lib.pagedlm_heads_per_pass(head_dim)
+
     def decode_plan(self, num_heads: int, cache_shape: tuple[int, ...], metadata: AttentionMetadata) -> DecodePlan:
         """How `forward` would run the decode rows of `metadata` (for the kernel tier's coverage)."""
         _, _, num_kv_heads, head_dim = cache_shape
         return DecodePlan(
             row_bits=self.row_path(head_dim),
             heads_per_item=heads_per_item(metadata.decode.num_seqs, num_kv_heads, torch.get_num_threads()),
-            heads_per_pass=self.lib.pagedlm_heads_per_pass(head_dim),
+            heads_per_pass=self.heads_per_pass(head_dim),
         )
 
     def forward(

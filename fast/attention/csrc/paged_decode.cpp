@@ -487,8 +487,15 @@ void decode_vector(const DecodeArgs& a) {
       int64_t pos = start, blk = start / BS, off = start % BS;
       auto fill = [&](int slot) {
         const int n = static_cast<int>(std::min<int64_t>(TILE, end - pos));
+#ifdef PAGEDLM_PLANTED_TILE_IN_ONE_BLOCK  // tests only: a tile's rows all taken from its first block
+        const int64_t first_block = table[blk];
+#endif
         for (int t = 0; t < n; ++t) {
+#ifdef PAGEDLM_PLANTED_TILE_IN_ONE_BLOCK
+          rows[slot][t] = ((first_block * BS + off) * H + h0) * D;
+#else
           rows[slot][t] = ((table[blk] * BS + off) * H + h0) * D;
+#endif
           if (++off == BS) off = 0, ++blk;
         }
         pos += std::max(n, 0);
@@ -508,6 +515,9 @@ void decode_vector(const DecodeArgs& a) {
           int64_t g0 = 0;
           for (; g0 + GC <= G; g0 += GC)
             tile_heads<T, V, C, GC>(kh, vh, rows[cur], n, s, g0, D, chunks, g0 == 0 ? ahead : none);
+#ifdef PAGEDLM_PLANTED_NO_REMAINDER_PASS  // tests only: the heads past the last full pass are skipped
+          continue;
+#endif
           switch (G - g0) {  // the remaining heads (GC > 1 only)
             case 3: if constexpr (GC > 3) tile_heads<T, V, C, 3>(kh, vh, rows[cur], n, s, g0, D, chunks, g0 == 0 ? ahead : none); break;
             case 2: if constexpr (GC > 2) tile_heads<T, V, C, 2>(kh, vh, rows[cur], n, s, g0, D, chunks, g0 == 0 ? ahead : none); break;
