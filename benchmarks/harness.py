@@ -88,7 +88,8 @@ class KVMonitor:
     of per-step ratios. Without sharing the gap is exactly the last, partly filled block of each
     request: Σ ((-tokens) mod block_size).
 
-    Also: the same ratio at the step with the most allocated blocks (peak), how full the pool is
+    Also: the same ratio at the step with the most allocated blocks (peak), the plain mean of the
+    per-step ratios (kv_utilization_step_mean: small late steps weigh as much), how full the pool is
     (mean and peak), tokens and slots wasted per running request, the expected waste for
     uniformly distributed lengths, (block_size - 1) / 2, and, at the same per-request token
     counts, the utilization other block sizes would give (kv_util_if_block_size; no sharing).
@@ -101,6 +102,7 @@ class KVMonitor:
         self.steps = 0
         self.used = self.alloc = self.requests = 0
         self.peak_alloc, self.util_at_peak = -1, None
+        self.ratio_sum, self.ratio_steps = 0.0, 0
         self.what_if = dict.fromkeys(KV_WHAT_IF_BLOCK_SIZES, 0)
 
     def __call__(self) -> None:
@@ -111,6 +113,8 @@ class KVMonitor:
         self.used += used
         self.alloc += alloc
         self.requests += len(tokens)
+        if alloc:
+            self.ratio_sum, self.ratio_steps = self.ratio_sum + used / alloc, self.ratio_steps + 1
         if alloc > self.peak_alloc:
             self.peak_alloc, self.util_at_peak = alloc, used / alloc if alloc else None
         for b in self.what_if:
@@ -128,6 +132,7 @@ class KVMonitor:
             "kv_block_size": self.block_size,
             "kv_pool_slots": self.pool_slots,
             "kv_utilization_at_peak": self.util_at_peak,
+            "kv_utilization_step_mean": self.ratio_sum / self.ratio_steps if self.ratio_steps else None,
             "kv_pool_usage_mean": self.alloc / (self.steps * self.pool_slots),
             "kv_pool_usage_peak": self.peak_alloc / self.pool_slots,
             "kv_tokens_per_request": per_req(self.used),

@@ -83,7 +83,7 @@ def memory_md(doc: dict) -> str:
              "Σ tokens held ÷ Σ slots of allocated blocks, sampled after every step (harness.KVMonitor); waste / "
              "req = slots allocated but empty per running request ((block_size - 1) / 2 expected).", "",
              "| engine | conc. mean / waiting / max | Orca-Max | Orca-Pow2 | Orca-Oracle | ÷ Orca-Max (waiting) "
-             "| ÷ Orca-Oracle (waiting) | KV util | util at peak | pool used mean / peak | tokens held / req "
+             "| ÷ Orca-Oracle (waiting) | KV util | util at peak / step mean | pool used mean / peak | tokens held / req "
              "| waste / req | util if block 8 / 32 |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rs:
@@ -94,7 +94,8 @@ def memory_md(doc: dict) -> str:
             conc(r, "orca_max"), conc(r, "orca_pow2"), conc(r, "orca_oracle"),
             fmt(r.get("concurrency_saturated_over_orca_max"), ".2f"),
             fmt(r.get("concurrency_saturated_over_orca_oracle"), ".2f"),
-            fmt(r.get("kv_utilization"), ".1%"), fmt(r.get("kv_utilization_at_peak"), ".1%"),
+            fmt(r.get("kv_utilization"), ".1%"),
+            f"{fmt(r.get('kv_utilization_at_peak'), '.1%')} / {fmt(r.get('kv_utilization_step_mean'), '.1%')}",
             f"{fmt(r.get('kv_pool_usage_mean'), '.0%')} / {fmt(r.get('kv_pool_usage_peak'), '.0%')}",
             fmt(r.get("kv_tokens_per_request"), ".1f"), fmt(r.get("kv_waste_per_request"), ".2f"),
             f"{fmt(what_if.get('8'), '.1%')} / {fmt(what_if.get('32'), '.1%')}",

@@ -78,6 +78,12 @@ def test_kv_monitor_gap_is_the_last_blocks():
     assert s["kv_util_if_block_size"]["16"] == pytest.approx(50 / 80)
     assert s["kv_util_if_block_size"]["1"] == 1.0
     assert s["kv_pool_usage_peak"] == pytest.approx(0.5)
+    running[:] = running[:1]  # 17 tokens in 2 blocks
+    kv.num_free_blocks = 8
+    mon()
+    assert mon.utilization == pytest.approx(67 / 112)  # a ratio of totals...
+    assert mon.stats()["kv_utilization_step_mean"] == pytest.approx((50 / 80 + 17 / 32) / 2)  # ...not a mean
+    assert mon.stats()["kv_utilization_at_peak"] == pytest.approx(50 / 80)
 
 
 def test_profile_attribution():
