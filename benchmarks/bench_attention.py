@@ -15,7 +15,9 @@ Each group times:
 - paged-fresh-gather:  alternative: gather into a new tensor per call (no workspace)
 - paged-matmul:        alternative: the workspace gather, then matmul / masked softmax / matmul
 The backend keeps the fastest exact variant; the alternatives stay here as the evidence (the cpu
-kernel beat paged-flex on every decode case, README Performance).
+kernel beat paged-flex, the torch backend and dense-sdpa on every decode case with more than
+0.5 MB of K/V, README Performance). Prefill groups time paged-torch, paged-cpu (the same torch path:
+what "auto" runs on CPU) and dense-sdpa.
 extra_info["kv_bytes"] is the K/V a kernel must read; extra_info["kv_gbps"] = kv_bytes / median
 time, to set beside test_copy_bandwidth's figure (a large tensor's copy_: the machine's memory
 bandwidth as torch sees it, bytes read + written).
@@ -204,12 +206,14 @@ def test_decode_attention(benchmark, batch: int, ctx: int, variant: str) -> None
     torch.testing.assert_close(out, expected, atol=3e-5, rtol=3e-5)  # every variant is exact
 
 
-@pytest.mark.parametrize("variant", ["paged-torch", "dense-sdpa"])
+@pytest.mark.parametrize("variant", ["paged-torch", "paged-cpu", "dense-sdpa"])
 @pytest.mark.parametrize(("new_tokens", "context"), PREFILL_CASES)
 def test_prefill_attention(benchmark, new_tokens: int, context: int, variant: str) -> None:
+    """paged-cpu runs a prefill chunk on the torch path (gather + SDPA) too: tracked as what
+    attention_backend="auto" runs on CPU."""
     seq_len = new_tokens + context
     case = PagedCase([new_tokens], [seq_len])
-    backend = TorchAttentionBackend()
+    backend = cpu_backend() if variant == "paged-cpu" else TorchAttentionBackend()
     group = NUM_HEADS // NUM_KV_HEADS
     visible = torch.ones(new_tokens, seq_len, dtype=torch.bool).tril(diagonal=context)  # [q, k]
     q_dense = case.q.transpose(0, 1)  # [Hq, q, D]
@@ -217,6 +221,7 @@ def test_prefill_attention(benchmark, new_tokens: int, context: int, variant: st
     v_dense = case.v_dense[0].repeat_interleave(group, dim=0)
     run = {
         "paged-torch": lambda: backend.forward(case.q, case.k_cache, case.v_cache, case.metadata, case.scale),
+        "paged-cpu": lambda: backend.forward(case.q, case.k_cache, case.v_cache, case.metadata, case.scale),
         "dense-sdpa": lambda: F.scaled_dot_product_attention(
             q_dense, k_dense, v_dense, attn_mask=visible, scale=case.scale
         ).transpose(0, 1),
