@@ -245,7 +245,11 @@ class CpuAttentionBackend(TorchAttentionBackend):
         if out is None:
             out = torch.empty_like(q)
         if metadata.decode.num_seqs > 0:
-            paged_decode_attention(self.lib, q, k_cache, v_cache, out, metadata.decode, scale, sliding_window)
+            if torch.autograd._profiler_enabled():  # a ctypes call is no aten op: name it for the profiler
+                with torch.profiler.record_function("pagedlm::paged_decode_attention"):
+                    paged_decode_attention(self.lib, q, k_cache, v_cache, out, metadata.decode, scale, sliding_window)
+            else:
+                paged_decode_attention(self.lib, q, k_cache, v_cache, out, metadata.decode, scale, sliding_window)
         if metadata.chunks:
             inputs = _LayerInputs(q, k_cache, v_cache, scale, sliding_window)
             for chunk in metadata.chunks:
