@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from hypothesis import given
+from hypothesis import strategies as st
 
 from conformance.compare import check_request_outputs
 from conformance.driver import run_workload
@@ -20,9 +21,11 @@ def oracle(tiny_model_dir):
     return RefLLM(tiny_model_dir, max_model_len=MAX_MODEL_LEN, max_batch=64)
 
 
-@given(workload=workloads(max_requests=24, max_model_len=MAX_MODEL_LEN), options=fast_engine_options(MAX_MODEL_LEN))
-def test_fast_equals_oracle(tiny_model_dir, oracle, workload, options):
-    engine = LLMEngine(EngineConfig(model=tiny_model_dir, attention_backend="torch", **options))
+# "auto" is the C++ cpu kernel on CPU (the default users run), "torch" the fallback.
+@given(workload=workloads(max_requests=24, max_model_len=MAX_MODEL_LEN), options=fast_engine_options(MAX_MODEL_LEN),
+       backend=st.sampled_from(["auto", "torch"]))
+def test_fast_equals_oracle(tiny_model_dir, oracle, workload, options, backend):
+    engine = LLMEngine(EngineConfig(model=tiny_model_dir, attention_backend=backend, **options))
     step_check = lambda: engine.scheduler.check_invariants()  # noqa: E731
     got = run_workload(engine, workload, on_step=step_check)  # every request finished, reported once
     keep = sorted(got)
