@@ -3,11 +3,13 @@
 Decode sequences (one query each) run as one batch: their blocks are gathered into a reused
 workspace, padded to the longest decode context, and one `scaled_dot_product_attention` call
 with a length mask attends all of them. Prefill chunks run one sequence at a time (few per step),
-each over its own gathered context with an explicit causal mask (SDPA's `is_causal` aligns the
-diagonal top-left, but a chunk over cached context needs it bottom-right).
+each over its own gathered context: `is_causal` when the chunk is the whole context, else an
+explicit causal mask (SDPA's `is_causal` aligns the diagonal top-left, but a chunk over cached
+context needs it bottom-right).
 
-GQA without copies: the G = num_heads // num_kv_heads query heads of one kv head are folded into
-the query-length axis, so SDPA sees num_kv_heads heads on both sides:
+GQA without copies: in the decode batch, the G = num_heads // num_kv_heads query heads of one kv
+head are folded into the query-length axis, so SDPA sees num_kv_heads heads on both sides
+(prefill chunks use SDPA's own `enable_gqa`, which keeps its fused kernel):
 
     q rows of one kv head h:   [G * query_len]  (g-major: row g * query_len + t is head h*G+g, token t)
 
@@ -139,15 +141,21 @@ class TorchAttentionBackend(AttentionBackend):
         v = self.workspace.gather_blocks("v", v_cache, blocks).view(-1, num_kv_heads, head_dim)
         k = k[: chunk.seq_len].transpose(0, 1)  # [Hkv, seq_len, D]
         v = v[: chunk.seq_len].transpose(0, 1)  # [Hkv, seq_len, D]
-        query_len, group = chunk.query_len, q.shape[1] // num_kv_heads
-        q_chunk = q[chunk.query_start : chunk.query_end].view(query_len, num_kv_heads, group, head_dim)
-        q_chunk = q_chunk.permute(1, 2, 0, 3).reshape(num_kv_heads, group * query_len, head_dim)
-        key_pos = torch.arange(chunk.seq_len, device=q.device)  # [seq_len]
-        query_pos = key_pos[chunk.seq_len - query_len :, None]  # [query_len, 1]
-        visible = key_pos[None, :] <= query_pos  # [query_len, seq_len]
-        if sliding_window is not None:
-            visible &= key_pos[None, :] > query_pos - sliding_window
-        visible = visible.repeat(group, 1)  # [G * query_len, seq_len], g-major like q_chunk
-        attended = F.scaled_dot_product_attention(q_chunk, k, v, attn_mask=visible, scale=inputs.scale)
-        attended = attended.view(num_kv_heads, group, query_len, head_dim)  # [Hkv, G, q_len, D]
-        return attended.permute(2, 0, 1, 3).reshape(query_len, num_kv_heads * group, head_dim)
+        # 4-D [1, heads, len, D] with enable_gqa: SDPA's fused CPU kernel (the 3-D GQA fold with a
+        # boolean mask takes its unfused path, measured 4x slower on a 1000-token prompt).
+        q_chunk = q[chunk.query_start : chunk.query_end].transpose(0, 1).unsqueeze(0)  # [1, Hq, q_len, D]
+        k, v = k.unsqueeze(0), v.unsqueeze(0)  # [1, Hkv, seq_len, D]
+        query_len = chunk.query_len
+        if query_len == chunk.seq_len and sliding_window is None:
+            # No cached context: is_causal's top-left diagonal is the bottom-right one.
+            attended = F.scaled_dot_product_attention(q_chunk, k, v, is_causal=True, scale=inputs.scale,
+                                                      enable_gqa=True)
+        else:
+            key_pos = torch.arange(chunk.seq_len, device=q.device)  # [seq_len]
+            query_pos = key_pos[chunk.seq_len - query_len :, None]  # [query_len, 1]
+            visible = key_pos[None, :] <= query_pos  # [query_len, seq_len]
+            if sliding_window is not None:
+                visible &= key_pos[None, :] > query_pos - sliding_window
+            attended = F.scaled_dot_product_attention(q_chunk, k, v, attn_mask=visible, scale=inputs.scale,
+                                                      enable_gqa=True)
+        return attended[0].transpose(0, 1)  # [query_len, Hq, D]
