@@ -25,17 +25,7 @@ import pytest
 import torch
 
 from benchmarks import harness
-from benchmarks.workloads import WORKLOADS, model_dir
-
-
-@pytest.fixture(scope="session")
-def scale(request) -> str:
-    return "smoke" if request.config.getoption("benchmark_disable", False) else "full"
-
-
-@pytest.fixture(scope="session")
-def bench_model(scale) -> str:
-    return model_dir(scale)
+from benchmarks.workloads import WORKLOADS
 
 
 @pytest.fixture(scope="session")

@@ -40,7 +40,7 @@ import pytest
 import torch
 
 from benchmarks import harness
-from benchmarks.workloads import Workload, model_dir
+from benchmarks.workloads import Workload
 
 SIZES = {  # scale -> (prompts, prompt length, timed rounds, floor repetitions)
     "full": (4, 1000, 5, 2),
@@ -52,16 +52,6 @@ VARIANTS = {
     "unchunked": dict(enable_chunked_prefill=False),
 }
 MAX_MODEL_LEN = 1024
-
-
-@pytest.fixture(scope="session")
-def scale(request) -> str:
-    return "smoke" if request.config.getoption("benchmark_disable", False) else "full"
-
-
-@pytest.fixture(scope="session")
-def bench_model(scale) -> str:
-    return model_dir(scale)
 
 
 @pytest.fixture(scope="session")

@@ -34,7 +34,7 @@ import torch
 
 from benchmarks import llamacpp_peer
 from benchmarks.harness import RunResult
-from benchmarks.workloads import WORKLOADS, model_dir
+from benchmarks.workloads import WORKLOADS
 
 LLAMACPP_OK, LLAMACPP_WHY = llamacpp_peer.available()
 LLAMACPP_THREADS = 2
@@ -43,16 +43,6 @@ SIZES = {  # scale -> (TPOT prompt, TPOT new tokens, prefill prompt, rounds)
     "full": (184, 33, 512, 7),
     "smoke": (12, 4, 24, 1),
 }
-
-
-@pytest.fixture(scope="session")
-def scale(request) -> str:
-    return "smoke" if request.config.getoption("benchmark_disable", False) else "full"
-
-
-@pytest.fixture(scope="session")
-def bench_model(scale) -> str:
-    return model_dir(scale)
 
 
 def _vocab(model: str) -> int:

@@ -54,11 +54,6 @@ VARIANTS = {  # name -> (tensor_parallel_size, distributed_executor_backend, tor
 _WALL: dict[str, float] = {}  # variant -> wall time of its timed run (for wall_vs_tp1)
 
 
-@pytest.fixture(scope="module")
-def scale(request) -> str:
-    return "smoke" if request.config.getoption("benchmark_disable", False) else "full"
-
-
 def run_tp(model: str, workload: Workload, tensor_parallel_size: int, backend: str,
            threads: int | None = None) -> harness.RunResult:
     if threads is not None:  # a uni run on `threads` torch threads of this process
