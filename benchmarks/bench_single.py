@@ -27,7 +27,6 @@ from __future__ import annotations
 import itertools
 import random
 import statistics
-import time
 
 import pytest
 import torch
