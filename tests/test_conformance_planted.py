@@ -58,10 +58,11 @@ def test_missing_causal_mask_is_caught(tiny_model_dir, monkeypatch):
             return getattr(torch.nn.functional, name)
 
         @staticmethod
-        def scaled_dot_product_attention(q, k, v, attn_mask=None, scale=None):
-            if attn_mask is not None and attn_mask.dim() == 2:  # the prefill-chunk path's causal mask
+        def scaled_dot_product_attention(q, k, v, attn_mask=None, scale=None, is_causal=False, **kwargs):
+            # the prefill-chunk path's causal mask: an explicit 2-D one, or is_causal
+            if attn_mask is not None and attn_mask.dim() == 2:
                 attn_mask = None
-            return real_sdpa(q, k, v, attn_mask=attn_mask, scale=scale)
+            return real_sdpa(q, k, v, attn_mask=attn_mask, scale=scale, **kwargs)
 
     monkeypatch.setattr(tb, "F", NoCausal())
     result = run("kernel", "paged_vs_dense", tiny_model_dir)
