@@ -50,9 +50,12 @@ def get_backend(name: str = "auto", device: torch.device | str | None = None) ->
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if name == "auto":
-        if device.type != "cuda" and AUTO_CPU == "cpu":
-            return _cpu_or_torch()
-        name = "triton" if device.type == "cuda" else AUTO_CPU
+        if device.type == "cuda":
+            name = "triton"
+        elif AUTO_CPU == "cpu":
+            return _cpu_or_torch()  # the kernel, or torch with a warning where it cannot be built
+        else:
+            name = AUTO_CPU
     if name == "torch":
         return TorchAttentionBackend()
     if name == "cpu":  # the C++ paged decode kernel (fast/attention/cpu_backend.py); builds on first use
