@@ -54,6 +54,10 @@ class StructuredOutputsParams:
                                      f"that is not JSON: {e}") from None
             else:
                 schema = self.json
+                try:  # the compile cache keys on its JSON text
+                    json.dumps(schema)
+                except (TypeError, ValueError) as e:
+                    raise ValueError(f"{field} must be a JSON schema made of JSON values, got {e}") from None
             _check(isinstance(schema, (dict, bool)), field, "a JSON schema (an object or a boolean)", self.json)
         for name in ("regex", "grammar"):
             v = getattr(self, name)
