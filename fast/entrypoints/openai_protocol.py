@@ -6,11 +6,27 @@ every error becomes an `OpenAIError` whose body names the offending field:
     {"error": {"message": ..., "type": "invalid_request_error", "param": <field>, "code": null}}
 
 Sampling fields map one-to-one onto `SamplingParams` (OpenAI: max_tokens, temperature, top_p, n,
-stop, seed, logprobs, presence_penalty, frequency_penalty; vLLM's extras: top_k, min_p,
+stop, seed, logprobs, presence_penalty, frequency_penalty, logit_bias; vLLM's extras: top_k, min_p,
 repetition_penalty, ignore_eos, min_tokens, stop_token_ids, skip_special_tokens,
-include_stop_str_in_output), so the server samples exactly what `fast.LLM.generate` would.
-A JSON `null` means "the default". An error about a field the client spelled differently names
-the client's spelling (chat's `max_completion_tokens`, `top_logprobs`).
+include_stop_str_in_output, allowed_token_ids, bad_words, truncate_prompt_tokens), so the server
+samples exactly what `fast.LLM.generate` would. A JSON `null` means "the default". An error about
+a field the client spelled differently names the client's spelling (chat's
+`max_completion_tokens`, `top_logprobs`), down to the path inside a nested object
+(`response_format.json_schema.schema`, `structured_outputs.regex`).
+
+OpenAI's `logit_bias` keys token ids as strings ({"50256": -100}); each key must be the decimal
+integer itself (no sign but "-", no leading zeros or spaces), so two keys never name one token.
+
+A structured-output constraint (`SamplingParams.structured_outputs`) comes from exactly one of:
+
+    response_format      {"type": "text"} (no constraint), {"type": "json_object"},
+                         {"type": "json_schema", "json_schema": {"name", "schema", "description"?, "strict"?}}
+    structured_outputs   vLLM's object: json | regex | choice | grammar | json_object, disable_any_whitespace
+    guided_json, guided_regex, guided_choice, guided_grammar    vLLM's older fields, one kind each
+
+Two of these at once is a 400 naming both. `guided_decoding_backend` may name "xgrammar" or
+"auto" (the grammar engine here is xgrammar) and is otherwise a 400. An error about the
+constraint (one that cannot be compiled, say) names the field the client used.
 
 Legacy completions logprobs key `top_logprobs` by token text, and distinct tokens can decode to
 the same text (every lone UTF-8 continuation byte decodes to U+FFFD). vLLM's
@@ -28,13 +44,14 @@ from __future__ import annotations
 import json
 import re
 import time
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ref.outputs import CompletionOutput, Logprob, RequestOutput
-from ref.sampling_params import SamplingParams
+from ref.sampling_params import SamplingParams, StructuredOutputsParams
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat: until max_model_len
 
@@ -58,6 +75,31 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool | None = None
+
+
+class JsonSchemaFormat(_Strict):
+    """OpenAI's `response_format.json_schema`; `strict` is accepted (the output always follows the schema)."""
+
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")  # alias: `schema` would shadow a BaseModel method
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None  # exactly when type is "json_schema"
+
+
+class StructuredOutputsRequest(_Strict):
+    """vLLM's `structured_outputs` body field: the fields of `StructuredOutputsParams`."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")  # alias: `json` would shadow a BaseModel method
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool | None = None
 
 
 class _SamplingRequest(_Strict):
@@ -85,6 +127,17 @@ class _SamplingRequest(_Strict):
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
     priority: int | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    truncate_prompt_tokens: int | None = None
+    # structured output: at most one of these (module docstring)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
 
 
 class CompletionRequest(_SamplingRequest):
@@ -119,6 +172,8 @@ class ChatCompletionRequest(_SamplingRequest):
 _FIELD_SHAPES = {
     "prompt": "a string, a list of strings, a list of token ids, or a list of token-id lists",
     "stop": "a string or a list of strings",
+    "structured_outputs.json": "a JSON schema (an object, or its JSON text)",
+    "guided_json": "a JSON schema (an object, or its JSON text)",
 }
 
 
@@ -133,16 +188,38 @@ def parse_request(model_cls: type[_Strict], raw: bytes):
             raise OpenAIError(400, f"malformed JSON body: {err['msg']}") from None
         if not loc:
             raise OpenAIError(400, f"the request body must be a JSON object: {err['msg']}") from None
-        param = str(loc[0])
+        param = _error_param(model_cls, loc)
         if err["type"] == "extra_forbidden":
             raise OpenAIError(400, f"unrecognized request argument: {param}", param) from None
         if err["type"] == "missing":
             raise OpenAIError(400, f"{param} is required", param) from None
-        if param == "messages" and len(loc) > 1 and isinstance(loc[1], int):
-            param = f"messages[{loc[1]}]"
-        shape = _FIELD_SHAPES.get(str(loc[0]))
+        shape = _FIELD_SHAPES.get(param)
         msg = f"Input should be {shape}" if shape else err["msg"]
         raise OpenAIError(400, f"{param}: {msg}, got {err.get('input')!r}", param) from None
+
+
+def _error_param(model_cls: type[BaseModel], loc: tuple) -> str:
+    """The field a validation error is about, as the client spelled it: `messages[i]` for a
+    message, else the dotted path through the request's own objects (`response_format.json_schema.name`,
+    or an unknown key such as `structured_outputs.whitespace_pattern`). The path stops where `loc`
+    leaves them (a dict key, a list index, the name of a union member)."""
+    if loc[0] == "messages" and len(loc) > 1 and isinstance(loc[1], int):
+        return f"messages[{loc[1]}]"
+    path: list[str] = []
+    cls: type[BaseModel] | None = model_cls
+    for part in loc:
+        if cls is None:
+            break
+        path.append(str(part))  # a field of cls, or a key cls does not have (the error is about it)
+        field = _field_by_alias(cls, part)
+        cls = None if field is None else next(
+            (t for t in (field.annotation, *typing.get_args(field.annotation))
+             if isinstance(t, type) and issubclass(t, BaseModel)), None)
+    return ".".join(path)
+
+
+def _field_by_alias(cls: type[BaseModel], name) -> Any:
+    return next((f for n, f in cls.model_fields.items() if (f.alias or n) == name), None)
 
 
 def _or(value, default):
@@ -155,7 +232,6 @@ def _unsupported(req: BaseModel, name: str, ok: bool) -> None:
 
 
 def _common_params(req: _SamplingRequest) -> dict[str, Any]:
-    _unsupported(req, "logit_bias", not req.logit_bias)
     if req.stream_options is not None and not req.stream:
         raise OpenAIError(400, "stream_options is only allowed when stream is true", "stream_options")
     return dict(
@@ -166,7 +242,97 @@ def _common_params(req: _SamplingRequest) -> dict[str, Any]:
         ignore_eos=_or(req.ignore_eos, False), min_tokens=_or(req.min_tokens, 0),
         skip_special_tokens=_or(req.skip_special_tokens, True),
         include_stop_str_in_output=_or(req.include_stop_str_in_output, False),
+        allowed_token_ids=req.allowed_token_ids, bad_words=req.bad_words, logit_bias=_logit_bias(req.logit_bias),
+        truncate_prompt_tokens=req.truncate_prompt_tokens, structured_outputs=structured_outputs(req),
     )
+
+
+_TOKEN_ID_KEY = re.compile(r"0|-?[1-9][0-9]{0,18}")  # a token id's decimal spelling, one per integer
+
+
+def _logit_bias(raw: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's {"<token id>": bias} as {token_id: bias}; SamplingParams checks ids and biases."""
+    if raw is None:
+        return None
+    for key in raw:
+        if not _TOKEN_ID_KEY.fullmatch(key):
+            raise OpenAIError(400, f"logit_bias must be keyed by token ids (decimal integers as strings, "
+                                   f"e.g. \"50256\"), got key {key!r}", "logit_bias")
+    return {int(key): bias for key, bias in raw.items()}
+
+
+# ---------------------------------------------------------------------------------- constraints
+_GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                  "guided_grammar": "grammar"}  # vLLM's older fields -> StructuredOutputsParams' kind
+GRAMMAR_BACKENDS = ("xgrammar", "auto")  # guided_decoding_backend values this server accepts
+
+
+def _constraint_sources(req: _SamplingRequest) -> list[str]:
+    """The request fields that set a structured-output constraint, in declaration order."""
+    sources = []
+    if req.response_format is not None and req.response_format.type != "text":
+        sources.append("response_format")
+    if req.structured_outputs is not None:
+        sources.append("structured_outputs")
+    return sources + [name for name in _GUIDED_FIELDS if getattr(req, name) is not None]
+
+
+def structured_outputs(req: _SamplingRequest) -> StructuredOutputsParams | None:
+    """The request's constraint as StructuredOutputsParams (None: unconstrained); an OpenAIError
+    names the field the client used."""
+    backend = req.guided_decoding_backend
+    if backend is not None and backend not in GRAMMAR_BACKENDS:
+        raise OpenAIError(400, f"guided_decoding_backend must be one of {', '.join(map(repr, GRAMMAR_BACKENDS))} "
+                               f"(this server's grammar engine is xgrammar), got {backend!r}",
+                          "guided_decoding_backend")
+    sources = _constraint_sources(req)
+    if len(sources) > 1:
+        raise OpenAIError(400, f"only one structured-output constraint may be given, got {' and '.join(sources)}",
+                          sources[0])
+    if not sources:
+        return None
+    source = sources[0]
+    if source == "response_format":
+        fields = _response_format_constraint(req.response_format)
+    elif source == "structured_outputs":
+        so = req.structured_outputs
+        fields = {name: value for name, value in (("json", so.json_), ("regex", so.regex), ("choice", so.choice),
+                                                  ("grammar", so.grammar), ("json_object", so.json_object),
+                                                  ("disable_any_whitespace", so.disable_any_whitespace))
+                  if value is not None}
+    else:
+        fields = {_GUIDED_FIELDS[source]: getattr(req, source)}
+    try:
+        return StructuredOutputsParams(**fields)
+    except ValueError as e:
+        raise value_error(e, constraint_renames(req)) from None
+
+
+def _response_format_constraint(rf: ResponseFormat) -> dict[str, Any]:
+    if rf.type != "json_schema":
+        if rf.json_schema is not None:
+            raise OpenAIError(400, f"response_format.json_schema is only allowed when response_format.type is "
+                                   f"'json_schema', got type {rf.type!r}", "response_format.json_schema")
+        return {"json_object": True}
+    if rf.json_schema is None:
+        raise OpenAIError(400, "response_format.json_schema is required when response_format.type is "
+                               "'json_schema'", "response_format.json_schema")
+    return {"json": rf.json_schema.schema_}
+
+
+def constraint_renames(req: _SamplingRequest) -> dict[str, str]:
+    """StructuredOutputsParams' error names ("structured_outputs.json cannot be compiled") -> the
+    request field the constraint came from."""
+    sources = _constraint_sources(req)
+    source = sources[0] if sources else "structured_outputs"
+    if source == "structured_outputs":
+        return {}
+    if source == "response_format":
+        kind, field = (("json", "response_format.json_schema.schema") if req.response_format.type == "json_schema"
+                       else ("json_object", "response_format"))
+    else:
+        kind, field = _GUIDED_FIELDS[source], source
+    return {"structured_outputs": field, f"structured_outputs.{kind}": field}
 
 
 def _make_params(fields: dict[str, Any], renames: dict[str, str]) -> SamplingParams:
@@ -183,7 +349,7 @@ def completion_params(req: CompletionRequest) -> SamplingParams:
     if req.best_of is not None and req.best_of != n:
         raise OpenAIError(400, f"best_of must be None or equal to n ({n}), got {req.best_of}", "best_of")
     return _make_params({**_common_params(req), "max_tokens": req.max_tokens, "logprobs": req.logprobs},
-                        COMPLETION_RENAMES)
+                        completion_renames(req))
 
 
 def chat_params(req: ChatCompletionRequest) -> SamplingParams:
@@ -194,11 +360,18 @@ def chat_params(req: ChatCompletionRequest) -> SamplingParams:
     return _make_params({**_common_params(req), "max_tokens": max_tokens, "logprobs": logprobs}, chat_renames(req))
 
 
+def completion_renames(req: CompletionRequest) -> dict[str, str | None]:
+    """COMPLETION_RENAMES, plus the constraint's field (constraint_renames)."""
+    return {**COMPLETION_RENAMES, **constraint_renames(req)}
+
+
 def chat_renames(req: ChatCompletionRequest) -> dict[str, str | None]:
-    """CHAT_RENAMES, plus max_tokens -> max_completion_tokens when that is what the client sent."""
-    if req.max_completion_tokens is None:
-        return CHAT_RENAMES
-    return {**CHAT_RENAMES, "max_tokens": "max_completion_tokens"}
+    """CHAT_RENAMES, plus max_tokens -> max_completion_tokens when that is what the client sent, plus
+    the constraint's field (constraint_renames)."""
+    renames = {**CHAT_RENAMES, **constraint_renames(req)}
+    if req.max_completion_tokens is not None:
+        renames["max_tokens"] = "max_completion_tokens"
+    return renames
 
 
 def completion_prompts(req: CompletionRequest) -> list[str | dict]:
@@ -217,21 +390,23 @@ def completion_prompts(req: CompletionRequest) -> list[str | dict]:
 COMPLETION_RENAMES = {"prompt_token_ids": "prompt", "sampling_params": None, "request_id": None}
 CHAT_RENAMES = {"prompt": "messages", "prompt_token_ids": "messages", "logprobs": "top_logprobs",
                 "sampling_params": None, "request_id": None}
-_LEADING_NAME = re.compile(r"^([a-z_]+)")
+_LEADING_NAME = re.compile(r"^([a-z_]+(?:\.[a-z_]+)*)")  # "top_k", "structured_outputs.json"
 
 
 def value_error(e: ValueError, renames: dict[str, str | None]) -> OpenAIError:
     """A ValueError from SamplingParams / the engine ("<field> must be ...") as a 400.
 
     A renamed sampling field is renamed in the message too ("logprobs must be" becomes
-    "top_logprobs must be"); engine names (prompt_token_ids -> messages) only change `param`,
-    since their messages describe the engine's view ("prompt length must be ...").
+    "top_logprobs must be", "structured_outputs.regex cannot be" becomes "guided_regex cannot
+    be"); engine names (prompt_token_ids -> messages) only change `param`, since their messages
+    describe the engine's view ("prompt length must be ...").
     """
     msg = str(e)
     m = _LEADING_NAME.match(msg)
     name = m.group(1) if m else None
-    param = renames.get(name, name) if name in renames or name in _REQUEST_FIELDS else None
-    if param is not None and param != name and name in _SAMPLING_FIELDS:
+    head = name.split(".")[0] if name else None
+    param = renames.get(name, name) if name in renames or head in _REQUEST_FIELDS else None
+    if param is not None and param != name and head in _SAMPLING_FIELDS:
         msg = param + msg[len(name):]
     return OpenAIError(400, msg, param)
 

@@ -54,10 +54,10 @@ from fast.engine.async_llm_engine import AsyncLLMEngine, EngineDeadError, NewReq
 from fast.entrypoints.chat_template import chat_prompt
 from fast.config import EngineConfig
 from fast.entrypoints.openai_protocol import (
-    COMPLETION_RENAMES, ChatCompletionRequest, ChoiceDelta, CompletionRequest, OpenAIError,
-    ResponseMeta, StreamedChoice, chat_chunk_choice, chat_params, chat_response, chat_role_choice, chunk,
-    chat_renames, completion_chunk_choice, completion_params, completion_prompts, completion_response,
-    parse_request, sse, usage, value_error,
+    ChatCompletionRequest, ChoiceDelta, CompletionRequest, OpenAIError, ResponseMeta, StreamedChoice,
+    chat_chunk_choice, chat_params, chat_renames, chat_response, chat_role_choice, chunk, completion_chunk_choice,
+    completion_params, completion_prompts, completion_renames, completion_response, parse_request, sse, usage,
+    value_error,
 )
 from fast.entrypoints.server_metrics import ServerMetrics
 from ref.outputs import RequestOutput
@@ -192,7 +192,7 @@ class _Api:
             raise OpenAIError(400, f"prompt must be at most {self.config.max_prompts_per_request} prompts "
                                    f"(--max-prompts-per-request), got {len(prompts)}", "prompt")
         call = self._call("cmpl", req, params, prompts)
-        stream = await self._submit(call, COMPLETION_RENAMES)
+        stream = await self._submit(call, completion_renames(req))
         if call.stream:
             return _sse_response(_stream_chunks(call, stream, "text_completion", completion_chunk_choice), stream)
         outputs = await _unless_disconnected(request, _finals(stream), stream)
