@@ -5,25 +5,32 @@
 of the current batch. The batch runs until every member is done; only then is the next one
 formed. Each sequence reserves KV for prompt + max_tokens (capped at max_model_len) up front:
 `get_metrics()` reports that reservation against what is actually used.
+
+Token controls are applied plainly, per sequence and step (SPEC §6 step 1): a request's
+bad_words are tokenized and its constraint compiled once, at `add_request`; each sample asks its
+own grammar for the allowed tokens before sampling and feeds it the token after.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 import torch
 
 from ref.config import config_from_options
 from ref.inputs import (
-    DEFAULT_MAX_N, ProcessedPrompt, RequestLimits, check_request_id, process_prompt, request_ids_to_abort,
-    validate_request,
+    DEFAULT_MAX_N, ProcessedPrompt, RequestLimits, bad_words_token_ids, check_request_id, process_prompt,
+    request_ids_to_abort, truncate_prompt, validate_request,
 )
 from ref.model import KVCache, load_model
 from ref.outputs import PromptLogprobs, RequestOutput
-from ref.sampler import logprob_entry, sample
-from ref.sampling_params import MAX_SEED, SamplingParams
+from ref.sampler import TokenControls, logprob_entry, sample
+from ref.sampling_params import MAX_SEED, SamplingParams, StructuredOutputsParams
 from ref.sequence import Sequence, StopContext, draw_base_seed, make_sequences
+from ref.structured import TokenGrammar, compile_constraint, grammar_vocabulary
 from ref.tokenizer import TextCodec, load_tokenizer
 
 
@@ -57,6 +64,17 @@ class EngineConfig:
         return config_from_options(cls, model, options)
 
 
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A validated request, ready to queue: what `LLMEngine.process` computes without touching
+    engine state (so a batch can be checked in full before any of it is queued)."""
+
+    prompt: ProcessedPrompt  # truncated to truncate_prompt_tokens
+    params: SamplingParams  # the engine's own re-validated copy
+    bad_words_ids: list[list[int]] = field(default_factory=list)
+    grammar: Any = None  # the compiled constraint (xgrammar CompiledGrammar), None if unconstrained
+
+
 @dataclass
 class Request:
     request_id: str
@@ -65,6 +83,7 @@ class Request:
     params: SamplingParams
     seqs: list[Sequence]
     prompt_logprobs: PromptLogprobs | None = None
+    bad_words_ids: list[list[int]] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -130,19 +149,34 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.batch: StaticBatch | None = None
         self.metrics = RefMetrics()
+        self._grammar_compiler = None  # built on the first constrained request (xgrammar loads slowly)
 
     # ------------------------------------------------------------------ requests
-    def process(self, prompt, params: SamplingParams | None) -> tuple[ProcessedPrompt, SamplingParams]:
-        """Validate a prompt and its params without touching engine state; the params returned
-        are the engine's own copy."""
+    def process(self, prompt, params: SamplingParams | None) -> PreparedRequest:
+        """Validate a prompt and its params without touching engine state (SPEC §4): the prompt
+        truncated to truncate_prompt_tokens, the engine's own copy of the params, the bad words'
+        token sequences and the compiled constraint. Raises ValueError naming the field."""
         params = SamplingParams() if params is None else params
         if isinstance(params, SamplingParams):
             params = params.clone()  # re-validated: the caller may have changed fields since
-        processed = process_prompt(prompt, self.codec)
+        processed = truncate_prompt(process_prompt(prompt, self.codec), params)
         validate_request(processed, params, self.limits, self.codec.has_tokenizer)
         if params.n > self.config.max_batch:
             raise ValueError(f"n must be <= max_batch ({self.config.max_batch}), got {params.n}")
-        return processed, params
+        bad_words = bad_words_token_ids(self.codec, params.bad_words or [])
+        so = params.structured_outputs
+        grammar = None if so is None else self._compile(so)
+        return PreparedRequest(processed, params, bad_words, grammar)
+
+    def _compile(self, so: StructuredOutputsParams):
+        """The constraint's compiled grammar, once per request (ValueError naming the field)."""
+        if self._grammar_compiler is None:
+            import xgrammar
+
+            vocab = grammar_vocabulary(self.codec.tokenizer, self.model_config.vocab_size,
+                                       self.model_config.eos_token_ids)
+            self._grammar_compiler = xgrammar.GrammarCompiler(vocab)
+        return compile_constraint(self._grammar_compiler, so)
 
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
                     priority: int = 0) -> None:
@@ -150,17 +184,29 @@ class LLMEngine:
 
         `priority` is accepted for API compatibility; the reference serves in arrival order.
         """
+        self._check_new_id(request_id, priority)
+        self.add_prepared(request_id, self.process(prompt, params), priority)
+
+    def add_prepared(self, request_id: str, prepared: PreparedRequest, priority: int = 0) -> None:
+        """Queue a request that `process` already validated (as `add_request` does)."""
+        self._check_new_id(request_id, priority)
+        params = prepared.params
+        new_grammar = None
+        if prepared.grammar is not None:
+            new_grammar = partial(TokenGrammar, prepared.grammar, self.model_config.vocab_size)
+        # Unseeded requests get a seed from the engine's generator, in arrival order.
+        seqs = make_sequences(params, draw_base_seed(self._seed_gen), new_grammar)
+        req = Request(request_id, prepared.prompt.prompt, prepared.prompt.prompt_token_ids, params, seqs,
+                      bad_words_ids=prepared.bad_words_ids)
+        self.requests[request_id] = req
+        self.waiting.append(req)
+
+    def _check_new_id(self, request_id: str, priority: int) -> None:
         check_request_id(request_id)
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise ValueError(f"priority must be an integer, got {priority!r}")
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        processed, params = self.process(prompt, params)
-        # Unseeded requests get a seed from the engine's generator, in arrival order.
-        seqs = make_sequences(params, draw_base_seed(self._seed_gen))
-        req = Request(request_id, processed.prompt, processed.prompt_token_ids, params, seqs)
-        self.requests[request_id] = req
-        self.waiting.append(req)
 
     def abort_request(self, request_id: str | list[str]) -> None:
         """Finish the request(s) with reason "abort"; unknown ids are ignored."""
@@ -245,8 +291,12 @@ class LLMEngine:
 
     def _sample(self, req: Request, seq: Sequence, logits: torch.Tensor) -> None:
         p = seq.params
+        controls = TokenControls(seq.allowed_by_grammar(), req.bad_words_ids)
         token = sample(logits, p, req.prompt_token_ids, seq.output_ids,
-                       self.model_config.eos_token_ids, seq.generator)
+                       self.model_config.eos_token_ids, seq.generator, controls)
+        if token is None:  # the masks left no token (SPEC §5 rule 0)
+            seq.finish_without_token()
+            return
         if p.logprobs is not None:
             logprobs = torch.log_softmax(logits.float(), dim=-1)
             seq.logprobs.append(logprob_entry(logprobs, token, p.logprobs, self.codec.token_text))

@@ -5,10 +5,11 @@ Shared by both engines: a bad request is rejected with the same ValueError by `r
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from ref.sampling_params import SamplingParams
+from ref.sampling_params import SamplingParams, StructuredOutputsParams
 from ref.tokenizer import TextCodec
 
 PromptType = "str | dict[str, Any]"  # a string, or {"prompt_token_ids": [...], "prompt"?: str}
@@ -20,6 +21,9 @@ DEFAULT_MAX_N = 128  # as OpenAI's API; a request of n samples holds n sequences
 MAX_STOP_STRINGS = 64  # each is searched for in the output text after every token
 MAX_STOP_STRING_CHARS = 1024
 MAX_STOP_TOKEN_IDS = 1024
+MAX_BAD_WORDS = 64  # each is two token sequences checked against the output after every token
+MAX_BAD_WORD_CHARS = 1024
+MAX_STRUCTURED_CHARS = 65_536  # a constraint's text (schema, regex, grammar, choices): compile cost
 
 
 @dataclass(frozen=True)
@@ -80,11 +84,25 @@ def process_prompt(prompt: Any, codec: TextCodec) -> ProcessedPrompt:
     raise ValueError(f"prompt must be a string or a dict with 'prompt_token_ids', got {type(prompt).__name__}")
 
 
+def check_params_type(params: Any) -> None:
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+
+
+def truncate_prompt(p: ProcessedPrompt, params: SamplingParams) -> ProcessedPrompt:
+    """The prompt with only its last `truncate_prompt_tokens` token ids (SPEC §3); the text stays
+    the text given. Applied before `validate_request`, so the length check sees the kept tokens."""
+    check_params_type(params)
+    k = params.truncate_prompt_tokens
+    if k is None or len(p.prompt_token_ids) <= k:
+        return p
+    return ProcessedPrompt(p.prompt, p.prompt_token_ids[-k:])
+
+
 def validate_request(p: ProcessedPrompt, params: SamplingParams, limits: RequestLimits,
                      has_tokenizer: bool) -> None:
     """Every engine-dependent rule of SPEC.md "Bad requests"; raises ValueError naming the field."""
-    if not isinstance(params, SamplingParams):
-        raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+    check_params_type(params)
     ids = p.prompt_token_ids
     if not ids:
         raise ValueError("prompt_token_ids must be non-empty, got []")
@@ -115,6 +133,61 @@ def validate_request(p: ProcessedPrompt, params: SamplingParams, limits: Request
                          f"got {len(params.stop_token_ids)}")
     if params.stop and not has_tokenizer:
         raise ValueError("stop: stop strings need a tokenizer, and this model has none")
+    _validate_token_controls(params, limits.vocab_size, has_tokenizer)
+
+
+def _validate_token_controls(params: SamplingParams, vocab_size: int, has_tokenizer: bool) -> None:
+    """SPEC §4's rules for allowed_token_ids, logit_bias, bad_words and structured_outputs (the
+    constraint is compiled by the engine, after these checks)."""
+    for name, ids in (("allowed_token_ids", params.allowed_token_ids or []),
+                      ("logit_bias", list(params.logit_bias or {}))):
+        bad = [t for t in ids if t >= vocab_size]
+        if bad:
+            raise ValueError(f"{name} ids must be in [0, {vocab_size}) (vocab size), got {bad[0]}")
+    words = params.bad_words or []
+    if len(words) > MAX_BAD_WORDS:
+        raise ValueError(f"bad_words must have at most {MAX_BAD_WORDS} words, got {len(words)}")
+    long_word = [w for w in words if len(w) > MAX_BAD_WORD_CHARS]
+    if long_word:
+        raise ValueError(f"bad_words must be at most {MAX_BAD_WORD_CHARS} characters each, "
+                         f"got one of {len(long_word[0])}")
+    if words and not has_tokenizer:
+        raise ValueError("bad_words: bad words need a tokenizer, and this model has none")
+    so = params.structured_outputs
+    if so is None:
+        return
+    if not has_tokenizer:
+        raise ValueError("structured_outputs: a constraint on the output text needs a tokenizer, "
+                         "and this model has none")
+    chars = structured_spec_chars(so)
+    if chars > MAX_STRUCTURED_CHARS:
+        raise ValueError(f"structured_outputs.{so.kind} must be at most {MAX_STRUCTURED_CHARS} characters, "
+                         f"got {chars}")
+
+
+def structured_spec_chars(so: StructuredOutputsParams) -> int:
+    """The size of a constraint's text: the schema as JSON text, the regex, the grammar, or all
+    choices together (json_object has none to speak of)."""
+    if so.kind == "json":
+        return len(so.json if isinstance(so.json, str) else json.dumps(so.json))
+    if so.kind == "choice":
+        return sum(len(c) for c in so.choice)
+    if so.kind in ("regex", "grammar"):
+        return len(getattr(so, so.kind))
+    return 0
+
+
+def bad_words_token_ids(codec: TextCodec, words: list[str]) -> list[list[int]]:
+    """The token sequences `bad_words` forbid (SPEC §6): each word, without special tokens, as
+    `word.lstrip()` (at the start of the text) and as `" " + word.lstrip()` (after a space, which
+    byte-level tokenizers fold into the word's first token); distinct non-empty ones, in order."""
+    seqs: list[list[int]] = []
+    for word in words:
+        for text in (word.lstrip(), " " + word.lstrip()):
+            ids = codec.encode(text, add_special_tokens=False)
+            if ids and ids not in seqs:
+                seqs.append(ids)
+    return seqs
 
 
 def normalize_batch(prompts: Any, sampling_params: Any) -> list[tuple[Any, SamplingParams]]:

@@ -1,16 +1,18 @@
-"""`ref.LLM`: the offline entry point, `generate(prompts, sampling_params)`."""
+"""`ref.LLM`: the offline entry points, `generate(prompts, sampling_params)` and `chat(messages, ...)`."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from ref.chat import chat_prompts
 from ref.engine import EngineConfig, LLMEngine
 from ref.inputs import normalize_batch
 from ref.outputs import RequestOutput
 
 
 class LLM:
-    """The oracle's offline engine: `LLM(model, **options).generate(prompts, sampling_params)`.
+    """The oracle's offline engine: `LLM(model, **options).generate(prompts, sampling_params)`,
+    and `.chat(messages, sampling_params)` for conversations (SPEC §2).
 
     `model` is a local Hugging Face checkpoint directory. Options (an unknown name is a
     ValueError listing these):
@@ -32,16 +34,16 @@ class LLM:
         return self.llm_engine.codec.tokenizer
 
     def generate(self, prompts: Any, sampling_params: Any = None, use_tqdm: bool = False) -> list[RequestOutput]:
-        """Outputs in input order. Every request is validated before any of them runs."""
+        """Outputs in input order. Every request is validated (its constraint compiled too)
+        before any of them is queued."""
         engine = self.llm_engine
         batch = normalize_batch(prompts, sampling_params)
-        processed = [engine.process(prompt, params) for prompt, params in batch]  # raises before queueing
+        prepared = [engine.process(prompt, params) for prompt, params in batch]  # raises before queueing
         ids = []
-        for p, params in processed:
+        for request in prepared:
             rid = str(self._next_id)
             self._next_id += 1
-            # Token ids, so the text is not tokenized a second time.
-            engine.add_request(rid, {"prompt_token_ids": p.prompt_token_ids, "prompt": p.prompt}, params)
+            engine.add_prepared(rid, request)
             ids.append(rid)
         finished: dict[str, RequestOutput] = {}
         while len(finished) < len(ids):
@@ -49,3 +51,11 @@ class LLM:
                 if out.finished:
                     finished[out.request_id] = out
         return [finished[rid] for rid in ids]
+
+    def chat(self, messages: Any, sampling_params: Any = None, chat_template: str | None = None,
+             add_generation_prompt: bool = True, use_tqdm: bool = False) -> list[RequestOutput]:
+        """One RequestOutput per conversation (one, or a list of them), in order: each rendered
+        by `ref.chat.chat_prompt`, then generated as by `generate`. Every conversation is
+        rendered and every request validated before any is queued."""
+        prompts = chat_prompts(messages, self.get_tokenizer(), chat_template, add_generation_prompt)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)

@@ -8,16 +8,20 @@ Stop rules, checked in this order after a token is appended (SPEC.md, "Request l
    text is cut before it (after it with include_stop_str_in_output); the earliest occurrence
    wins, ties go to the string listed first;
 3. max_tokens generated, or prompt + output reaching max_model_len -> "length".
+And before a token (rule 0): when the sampler's masks leave no token, the sample finishes with
+"stop", no stop_reason and no token (`Sequence.finish_without_token`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from ref.outputs import CompletionOutput
 from ref.sampling_params import SamplingParams
+from ref.structured import TokenGrammar
 from ref.tokenizer import TextCodec
 
 
@@ -41,20 +45,34 @@ class Sequence:
     text: str = ""
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    grammar: TokenGrammar | None = None  # its own structured-output state: exactly output_ids taken
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    def allowed_by_grammar(self) -> list[int] | None:
+        """The tokens its constraint takes next (None: unconstrained)."""
+        return None if self.grammar is None else self.grammar.allowed_tokens()
+
     def append(self, token_id: int, prompt_len: int, ctx: StopContext) -> None:
-        """Add a sampled token, refresh the text and apply the stop rules."""
+        """Add a sampled token, refresh the text and apply the stop rules.
+
+        The grammar takes every appended token, the last one too (even when a stop rule ends the
+        sample on it), so its state is always exactly the output's tokens."""
         self.output_ids.append(token_id)
+        if self.grammar is not None:
+            self.grammar.accept(token_id)
         self.text, finish_reason, stop_reason = check_stop(self.output_ids, self.params, prompt_len, ctx)
         if finish_reason is not None:
             self.finish(finish_reason, stop_reason)
 
     def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
         self.finish_reason, self.stop_reason = reason, stop_reason
+
+    def finish_without_token(self) -> None:
+        """Rule 0: the masks left no token, so the sample ends here ("stop", no stop_reason)."""
+        self.finish("stop")
 
     def to_output(self) -> CompletionOutput:
         return CompletionOutput(
@@ -120,8 +138,10 @@ def sample_seed(params: SamplingParams, base_seed: int, index: int) -> int | Non
     return params.seed if params.seed is not None else (base_seed + index) % (MAX_SEED + 1)
 
 
-def make_sequences(params: SamplingParams, base_seed: int) -> list[Sequence]:
-    """The n samples of a request: sample i seeds its generator with seed + i (or base + i)."""
+def make_sequences(params: SamplingParams, base_seed: int,
+                   new_grammar: Callable[[], TokenGrammar] | None = None) -> list[Sequence]:
+    """The n samples of a request: sample i seeds its generator with seed + i (or base + i);
+    with a constraint, each gets its own grammar state from `new_grammar()`."""
     seqs = []
     for i in range(params.n):
         p = params.for_sample(i)
@@ -129,5 +149,6 @@ def make_sequences(params: SamplingParams, base_seed: int) -> list[Sequence]:
         gen = None if seed is None else torch.Generator().manual_seed(seed)
         want_lp = p.logprobs is not None
         seqs.append(Sequence(index=i, params=p, generator=gen, logprobs=[] if want_lp else None,
-                             cumulative_logprob=0.0 if want_lp else None))
+                             cumulative_logprob=0.0 if want_lp else None,
+                             grammar=None if new_grammar is None else new_grammar()))
     return seqs

@@ -30,13 +30,15 @@ class TextCodec:
     def has_tokenizer(self) -> bool:
         return self.tokenizer is not None
 
-    def encode(self, prompt: str) -> list[int]:
+    def encode(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `prompt`; add_special_tokens=False leaves out what the tokenizer adds
+        around a prompt (e.g. BOS), for text that is not a whole prompt (bad words, templates)."""
         if self.tokenizer is None:
             raise ValueError(
                 "prompt: this model has no tokenizer, so text prompts cannot be encoded; "
                 "pass {'prompt_token_ids': [...]} instead"
             )
-        return list(self.tokenizer.encode(prompt))
+        return list(self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         if self.tokenizer is None or not token_ids:

@@ -1,4 +1,4 @@
-"""`fast.LLM`: the offline entry point, the same `generate` contract as `ref.LLM`."""
+"""`fast.LLM`: the offline entry point, the same `generate` and `chat` contracts as `ref.LLM`."""
 
 from __future__ import annotations
 
@@ -6,12 +6,14 @@ from typing import Any
 
 from fast.config import EngineConfig
 from fast.engine.llm_engine import LLMEngine
+from ref.chat import chat_prompts
 from ref.inputs import normalize_batch
 from ref.outputs import RequestOutput
 
 
 class LLM:
-    """The offline engine: `LLM(model, **options).generate(prompts, sampling_params)`.
+    """The offline engine: `LLM(model, **options).generate(prompts, sampling_params)`, and
+    `.chat(messages, sampling_params)` for conversations (SPEC §2).
 
     `model` is a local Hugging Face checkpoint directory (the embedded one:
     `str(ref.models.tiny_checkpoint())`, random weights, so its text is gibberish).
@@ -80,6 +82,14 @@ class LLM:
         if bar is not None:
             bar.close()
         return [finished[rid] for rid in ids]
+
+    def chat(self, messages: Any, sampling_params: Any = None, chat_template: str | None = None,
+             add_generation_prompt: bool = True, use_tqdm: bool = True) -> list[RequestOutput]:
+        """One RequestOutput per conversation (one, or a list of them), in order: each rendered
+        by `ref.chat.chat_prompt`, then generated as by `generate`. Every conversation is
+        rendered and every request validated before any is queued."""
+        prompts = chat_prompts(messages, self.get_tokenizer(), chat_template, add_generation_prompt)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
 
 def _progress(total: int):
