@@ -3,7 +3,8 @@
     Scheduler.schedule() ──SchedulerOutput──> Executor.execute_model() ──> Worker(s)
     Scheduler.update_from_output() <──ModelRunnerOutput── (rank 0 only)
 
-Both are made of ints, lists, dicts, `SamplingParams` and `Logprob`: they pickle, so the same
+Both are made of ints, lists, dicts, `SamplingParams`, `Logprob` and (the grammar bitmask) a CPU
+tensor: they pickle, so the same
 objects go to an in-process worker, to worker processes through a pipe, or to Ray actors. No live
 `Request` crosses: a worker keeps its own per-request state (token ids, block table, generator)
 and learns every change from the next `SchedulerOutput`, so data flows one way.
@@ -12,6 +13,8 @@ and learns every change from the next `SchedulerOutput`, so data flows one way.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import torch
 
 from fast.core.kv_cache_manager import BlockCopy
 from fast.core.request import SampleId
@@ -39,6 +42,7 @@ class NewRequestData:
     num_computed_tokens: int
     prompt_logprobs: int | None = None  # top-k prompt logprobs to return (sample 0 of a group only)
     fork_of: SampleId | None = None
+    bad_words_token_ids: list[list[int]] = field(default_factory=list)  # params.bad_words, tokenized
 
 
 @dataclass
@@ -67,6 +71,10 @@ class SchedulerOutput:
     block_copies: list[BlockCopy] = field(default_factory=list)  # applied after the forward pass
     preempted_req_ids: list[SampleId] = field(default_factory=list)
     finished_req_ids: list[SampleId] = field(default_factory=list)  # workers drop their state
+    # Structured output: the constrained samples that sample this step, and row i of the packed
+    # bitmask (int32 [rows, ceil(vocab / 32)]; bit t set = token t allowed) is the i-th one's.
+    structured_req_ids: list[SampleId] = field(default_factory=list)
+    grammar_bitmask: torch.Tensor | None = None
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -80,6 +88,7 @@ class SchedulerOutput:
 @dataclass
 class ModelRunnerOutput:
     """What one step produced, for the samples that sampled (in the runner's row order).
+    A sampled token of -1: SPEC §5 rule 0, the masks left no token (the sample ends, no token).
 
     `prompt_logprobs[req_id]`: entries for the prompt positions scored this step, in order
     (a chunked prompt gets its entries over several steps)."""

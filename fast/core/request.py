@@ -13,15 +13,18 @@ re-decodes the whole output per token). Where a sample stands in the paged cache
 from __future__ import annotations
 
 import enum
+import logging
 import time
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from fast.core.detokenizer import StopChecker
 from fast.core.kv_cache_manager import PrefixHit
 from ref.outputs import CompletionOutput, PromptLogprobs, RequestOutput
 from ref.sampling_params import SamplingParams
 from ref.sequence import StopContext
+
+logger = logging.getLogger(__name__)
 
 
 class Status(enum.Enum):
@@ -71,6 +74,8 @@ class Request:
     num_synced_tokens: int = 0
     num_synced_blocks: int = 0
     prefix_hit: PrefixHit | None = None  # its last prefix-cache lookup while waiting
+    # Structured output: this sample's grammar matcher (xgrammar), at the state of its output tokens.
+    grammar: Any = None
 
     _stops: StopChecker = field(init=False, repr=False)
 
@@ -105,7 +110,13 @@ class Request:
         return self.finish_reason is not None
 
     def append_token(self, token_id: int) -> None:
-        """Add a sampled token, refresh the text and apply the stop rules."""
+        """Add a sampled token, advance the grammar, refresh the text and apply the stop rules."""
+        if self.grammar is not None and not self.grammar.accept_token(token_id):
+            # The step's mask allowed it, so the grammar must: a broken invariant, not the user's
+            # fault. The sample ends visibly instead of taking the engine down.
+            logger.error("sample %s: the grammar rejected token %d that its mask allowed", self.request_id, token_id)
+            self.finish("abort")
+            return
         self.token_ids.append(token_id)
         reason, stop_reason = self._stops.append(token_id)
         if reason is not None:
@@ -138,6 +149,7 @@ class RequestGroup:
     samples: list[Request] = field(default_factory=list)
     # Samples 1..n-1 wait here until sample 0's prompt is computed, then fork from it.
     pending_forks: list[Request] = field(default_factory=list)
+    bad_words_token_ids: list[list[int]] = field(default_factory=list)  # params.bad_words, tokenized once
     prompt_logprobs: PromptLogprobs | None = None
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None

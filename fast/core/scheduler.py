@@ -260,9 +260,17 @@ class Scheduler:
                 out.scheduled_new_reqs.append(self._new_data(r))
         for parent, child in plan.forked:
             out.forked_reqs.append(self._new_data(child, fork_of=parent.request_id))
+        out.structured_req_ids = [r.request_id for r in self._samplers(plan) if r.grammar is not None]
         if not out.is_empty:  # else the finished ids wait for a step that reaches the workers
             out.finished_req_ids, self._finished_req_ids = self._finished_req_ids, []
         return out
+
+    @staticmethod
+    def _samplers(plan: _Plan) -> list[Request]:
+        """The samples that sample this step: those whose chunk reaches the end of their tokens,
+        and the samples forked in this step (they sample from their parent's row)."""
+        done = [s.request for s in plan.scheduled if s.start + s.num_new_tokens == s.request.num_tokens]
+        return done + [child for _, child in plan.forked]
 
     def _new_data(self, r: Request, fork_of: SampleId | None = None) -> NewRequestData:
         table = self.kv.get_block_table(r.request_id)
@@ -270,7 +278,7 @@ class Scheduler:
         # Prompt logprobs belong to the group: sample 0 computes them (a fork never does).
         prompt_logprobs = r.params.prompt_logprobs if r.index == 0 else None
         return NewRequestData(r.request_id, list(r.token_ids), r.num_prompt_tokens, r.params, r.seed, table,
-                              r.num_computed_tokens, prompt_logprobs, fork_of)
+                              r.num_computed_tokens, prompt_logprobs, fork_of, r.group.bad_words_token_ids)
 
     def _cached_data(self, r: Request) -> CachedRequestData:
         # Only the blocks added since the last sync: a decode step costs O(1), not O(context).
@@ -304,20 +312,27 @@ class Scheduler:
             r = self.requests.get(req_id)
             if r is None or r.finished:
                 continue
+            group = r.group
+            touched[group.request_id] = group
+            if token < 0:  # SPEC §5 rule 0: the masks left nothing to sample
+                r.finish("stop")
+                self._finish_sampled(r, now)
+                continue
             if entry is not None:
                 r.logprobs.append(_with_text(entry, r.group))
                 r.cumulative_logprob += entry[token].logprob
             r.append_token(token)
             self.num_generated_tokens += 1
-            group = r.group
-            touched[group.request_id] = group
             if group.first_token_time is None:
                 group.first_token_time = now
             if r.finished:
-                self.remove(r)
-                if group.finished:
-                    group.finish_time = now
+                self._finish_sampled(r, now)
         return list(touched.values())
+
+    def _finish_sampled(self, r: Request, now: float) -> None:
+        self.remove(r)
+        if r.group.finished:
+            r.group.finish_time = now
 
     # ------------------------------------------------------------------ invariants
     def check_invariants(self, out: SchedulerOutput | None = None) -> None:

@@ -3,6 +3,7 @@
 The engine only orchestrates; one step is
 
     Scheduler.schedule()                -> SchedulerOutput      (plain data: who runs, which blocks)
+    StructuredOutputManager             -> its grammar bitmask  (constrained samples that sample)
     Executor.execute_model(...)         -> ModelRunnerOutput    (workers: forward, sample)
     Scheduler.update_from_output(...)   -> the requests that changed (tokens, stop rules, freeing)
     -> RequestOutputs
@@ -19,10 +20,12 @@ from fast.config import EngineConfig, cdiv
 from fast.core.kv_cache_manager import KVCacheConfig, KVCacheManager
 from fast.core.request import Request, RequestGroup, SampleId, Status
 from fast.core.scheduler import Scheduler
+from fast.core.structured_output import StructuredOutputManager
 from fast.executor import Executor
 from fast.worker.model import check_tensor_parallel
 from ref.inputs import (
-    ProcessedPrompt, RequestLimits, check_request_id, process_prompt, request_ids_to_abort, validate_request,
+    ProcessedPrompt, RequestLimits, bad_words_token_ids, check_request_id, process_prompt, request_ids_to_abort,
+    truncate_prompt, validate_request,
 )
 from ref.outputs import RequestOutput
 from ref.sampling_params import SamplingParams
@@ -65,6 +68,7 @@ class LLMEngine:
         self.num_blocks = self.resolved.cache.num_blocks
         self.kv = KVCacheManager(KVCacheConfig(self.num_blocks, config.block_size, config.enable_prefix_caching))
         self.scheduler = Scheduler(self.resolved.scheduler, self.kv)
+        self.structured = StructuredOutputManager(self.codec.tokenizer, mcfg.vocab_size, mcfg.eos_token_ids)
         check_tensor_parallel(mcfg, self.resolved.parallel.world_size)  # before any worker starts
         self.executor = Executor.create(self.resolved)  # builds the workers: model shards, KV caches
         self._seed_gen = torch.Generator().manual_seed(config.seed)
@@ -85,8 +89,10 @@ class LLMEngine:
         params = SamplingParams() if params is None else params
         if isinstance(params, SamplingParams):
             params = params.clone()  # re-validated: the caller may have changed fields since
-        processed = process_prompt(prompt, self.codec)
+        processed = truncate_prompt(process_prompt(prompt, self.codec), params)
         validate_request(processed, params, self.limits, self.codec.has_tokenizer)
+        if params.structured_outputs is not None:
+            self.structured.compile(params.structured_outputs)  # a bad constraint fails here
         max_tokens = params.max_tokens or self.max_model_len
         need = cdiv(min(len(processed.prompt_token_ids) + max_tokens, self.max_model_len), self.config.block_size)
         if need > self.num_blocks:  # cannot happen with a validated config; kept as the last guard
@@ -103,11 +109,17 @@ class LLMEngine:
             raise ValueError(f"priority must be an integer, got {priority!r}")
         processed, params = self.process(prompt, params)
         base_seed = draw_base_seed(self._seed_gen)
+        compiled = None if params.structured_outputs is None else self.structured.compile(params.structured_outputs)
         group = RequestGroup(request_id, processed.prompt, processed.prompt_token_ids, params, self.stop_ctx)
+        if params.bad_words:
+            group.bad_words_token_ids = bad_words_token_ids(self.codec, params.bad_words)
         for i in range(params.n):
             p = params.for_sample(i)
-            group.samples.append(Request(SampleId(request_id, i), group, i, p, sample_seed(p, base_seed, i),
-                                         list(processed.prompt_token_ids), arrival=self._arrivals, priority=priority))
+            sample = Request(SampleId(request_id, i), group, i, p, sample_seed(p, base_seed, i),
+                             list(processed.prompt_token_ids), arrival=self._arrivals, priority=priority)
+            if compiled is not None:
+                sample.grammar = self.structured.new_matcher(compiled)
+            group.samples.append(sample)
             self._arrivals += 1
         group.pending_forks = group.samples[1:]
         self.groups[request_id] = group
@@ -163,6 +175,10 @@ class LLMEngine:
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty:
             return []
+        if scheduler_output.structured_req_ids:
+            requests = self.scheduler.requests
+            scheduler_output.grammar_bitmask = self.structured.grammar_bitmask(
+                [requests[i].grammar for i in scheduler_output.structured_req_ids])
         runner_output = self.executor.execute_model(scheduler_output)
         touched = self.scheduler.update_from_output(scheduler_output, runner_output)
         if not report_running:

@@ -16,7 +16,7 @@ driver (rank 0) samples and returns a `ModelRunnerOutput`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,7 +25,7 @@ from fast.core.kv_cache_manager import BlockCopy
 from fast.core.outputs import CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput
 from fast.core.request import SampleId
 from fast.worker.model import PagedDecoder
-from fast.worker.sampler import Sampler, SamplingRow, logprob_entry
+from fast.worker.sampler import GrammarRows, Sampler, SamplingRow, logprob_entry
 from ref.sampling_params import SamplingParams
 
 
@@ -43,6 +43,7 @@ class CachedRequestState:
     num_computed_tokens: int
     prompt_logprobs: int | None
     num_prompt_logprobs: int = 0  # prompt positions scored so far (position p scores token p + 1)
+    bad_words_token_ids: list[list[int]] = field(default_factory=list)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -112,13 +113,21 @@ class ModelRunner:
             return None
         output = ModelRunnerOutput(prompt_logprobs=prompt_logprobs)
         if logits is not None:
-            rows = [SamplingRow(st.params, st.prompt_token_ids, st.output_token_ids, st.generator)
-                    for st in inputs.samplers]
-            result = self.sampler(logits.cpu(), rows)
+            rows = [SamplingRow(st.params, st.prompt_token_ids, st.output_token_ids, st.generator,
+                                st.bad_words_token_ids) for st in inputs.samplers]
+            result = self.sampler(logits.cpu(), rows, self._grammar_rows(scheduler_output, inputs))
             output.req_ids = [st.req_id for st in inputs.samplers]
             output.sampled_token_ids = result.token_ids
             output.logprobs = result.logprobs
         return output
+
+    @staticmethod
+    def _grammar_rows(out: SchedulerOutput, inputs: StepInputs) -> GrammarRows | None:
+        """The step's bitmask with, per sampling row, the bitmask row that constrains it (-1: none)."""
+        if out.grammar_bitmask is None:
+            return None
+        row_of = {req_id: i for i, req_id in enumerate(out.structured_req_ids)}
+        return GrammarRows(out.grammar_bitmask, [row_of.get(st.req_id, -1) for st in inputs.samplers])
 
     def update_states(self, out: SchedulerOutput) -> None:
         """Apply what the scheduler changed since the last step (one way: scheduler -> worker)."""
@@ -136,7 +145,8 @@ class ModelRunner:
         generator = None if new.seed is None else torch.Generator().manual_seed(new.seed)
         tokens, n = new.token_ids, new.num_prompt_tokens
         return CachedRequestState(new.req_id, list(tokens[:n]), list(tokens[n:]), new.params, generator,
-                                  list(new.block_ids), new.num_computed_tokens, new.prompt_logprobs)
+                                  list(new.block_ids), new.num_computed_tokens, new.prompt_logprobs,
+                                  bad_words_token_ids=new.bad_words_token_ids)
 
     def _update_state(self, cached: CachedRequestData) -> None:
         st = self.requests[cached.req_id]

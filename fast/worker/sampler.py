@@ -1,15 +1,17 @@
 """The batched sampler: one vectorised pass over all sequences that sample this step.
 
-Same semantics and order as `ref/sampler.py` (SPEC.md "Sampling"): min_tokens mask,
-penalties, greedy argmax or temperature -> top-k -> top-p -> min-p -> argmax(probs / q) with
-q ~ Exp(1) drawn from each sequence's own generator (so a seeded sequence's tokens do not
-depend on who else is in the batch). Work that no row needs (penalties, truncation, logprobs) is
-skipped for the whole batch.
+Same semantics and order as `ref/sampler.py` (SPEC.md "Sampling"): the grammar bitmask,
+allowed_token_ids, bad_words, logit_bias, min_tokens mask, penalties, then greedy argmax or
+temperature -> top-k -> top-p -> min-p -> argmax(probs / q) with q ~ Exp(1) drawn from each
+sequence's own generator (so a seeded sequence's tokens do not depend on who else is in the
+batch). A row the masks leave without a finite logit samples nothing: its token is -1 (SPEC §5
+rule 0). Work that no row needs (masks, penalties, truncation, logprobs) is skipped for the
+whole batch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,6 +29,19 @@ class SamplingRow:
     prompt_ids: list[int]
     output_ids: list[int]
     generator: torch.Generator | None  # None for greedy rows
+    bad_words_token_ids: list[list[int]] = field(default_factory=list)
+
+
+@dataclass
+class GrammarRows:
+    """The step's packed grammar bitmask (int32 [rows, ceil(vocab / 32)], bit t of a row set =
+    token t allowed) and, per sampling row, its bitmask row (-1: unconstrained)."""
+
+    bitmask: torch.Tensor
+    row_of: list[int]
+
+
+NO_TOKEN = -1  # the token of a row whose masks left nothing (SPEC §5 rule 0)
 
 
 @dataclass
@@ -40,22 +55,55 @@ class Sampler:
     def __init__(self, eos_token_ids: tuple[int, ...]):
         self.eos_token_ids = tuple(eos_token_ids)
 
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow],
+                 grammar: GrammarRows | None = None) -> SamplerOutput:
         """logits: fp32 [S, vocab], one row per entry of `rows`."""
         raw = logits
-        logits = self._apply_min_tokens(logits.clone(), rows)
+        logits = logits.clone()
+        masked = grammar is not None or any(_has_mask(r.params) or r.bad_words_token_ids for r in rows)
+        if masked:
+            logits = self._apply_masks(logits, rows, grammar)
+        logits = self._apply_min_tokens(logits, rows)
         logits = self._apply_penalties(logits, rows)
+        dead_rows: set[int] = set()
+        # Only masks (or a repetition penalty overflowing to -inf) can leave a row with nothing.
+        if masked or any(r.params.min_tokens or _has_penalty(r.params) for r in rows):
+            dead_rows = set(torch.nonzero(torch.isneginf(logits).all(dim=-1)).flatten().tolist())
         tokens = torch.argmax(logits, dim=-1)  # greedy rows keep this
-        random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
-        if random_rows:
+        random_rows = [i for i, r in enumerate(rows) if not r.params.greedy and i not in dead_rows]
+        if random_rows:  # a dead row draws nothing: softmax of all -inf is NaN, and it ends anyway
             idx = torch.tensor(random_rows)
             sampled = self._sample_random(logits[idx], [rows[i] for i in random_rows])
             tokens[idx] = sampled
         token_list = tokens.tolist()
+        for i in dead_rows:
+            token_list[i] = NO_TOKEN
         entries, sampled_lp = self._logprobs(raw, rows, token_list)
         return SamplerOutput(token_list, entries, sampled_lp)
 
     # ------------------------------------------------------------------ processing
+    def _apply_masks(self, logits: torch.Tensor, rows: list[SamplingRow], grammar: GrammarRows | None) -> torch.Tensor:
+        """SPEC §6 step 1 before min_tokens: grammar bitmask, allowed_token_ids, bad_words, logit_bias."""
+        V = logits.shape[1]
+        if grammar is not None:
+            constrained = [i for i, b in enumerate(grammar.row_of) if b >= 0]
+            if constrained:
+                allowed = unpack_bitmask(grammar.bitmask[[grammar.row_of[i] for i in constrained]], V)
+                logits[constrained] = logits[constrained].masked_fill(~allowed, NEG_INF)
+        for i, r in enumerate(rows):
+            p = r.params
+            if p.allowed_token_ids is not None:
+                keep = torch.zeros(V, dtype=torch.bool)
+                keep[[t for t in p.allowed_token_ids if t < V]] = True
+                logits[i].masked_fill_(~keep, NEG_INF)
+            banned = _banned_by_bad_words(r.bad_words_token_ids, r.output_ids)
+            if banned:
+                logits[i, banned] = NEG_INF
+            if p.logit_bias:
+                ids = list(p.logit_bias)
+                logits[i, ids] += torch.tensor([p.logit_bias[t] for t in ids])
+        return logits
+
     def _apply_min_tokens(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         for i, r in enumerate(rows):
             p = r.params
@@ -119,7 +167,7 @@ class Sampler:
 
     # ------------------------------------------------------------------ logprobs
     def _logprobs(self, raw: torch.Tensor, rows: list[SamplingRow], tokens: list[int]):
-        want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        want = [i for i, r in enumerate(rows) if r.params.logprobs is not None and tokens[i] != NO_TOKEN]
         entries: list = [None] * len(rows)
         sampled: list = [None] * len(rows)
         if not want:
@@ -144,3 +192,24 @@ def logprob_entry(row: torch.Tensor, token_id: int, top_ids: list[int]) -> dict[
 
 def _has_penalty(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+
+
+def _has_mask(p: SamplingParams) -> bool:
+    return p.allowed_token_ids is not None or bool(p.logit_bias)
+
+
+def _banned_by_bad_words(bad_words: list[list[int]], output_ids: list[int]) -> list[int]:
+    """The last token of each bad word whose other tokens end the output (one-token words: always)."""
+    banned = []
+    for word in bad_words:
+        prefix = word[:-1]
+        if not prefix or (len(output_ids) >= len(prefix) and output_ids[len(output_ids) - len(prefix):] == prefix):
+            banned.append(word[-1])
+    return banned
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """bool [rows, vocab_size] from xgrammar's packed layout: token t is bit t % 32 of word t // 32."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    bits = (bitmask.unsqueeze(-1) >> shifts) & 1  # [rows, words, 32]
+    return bits.reshape(bitmask.shape[0], -1)[:, :vocab_size].bool()
