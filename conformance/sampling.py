@@ -10,14 +10,18 @@ never puts a top-p or min-p cut exactly on a boundary. Here the logits are drawn
 - probabilities that are powers of two, so cumulative sums land exactly on `top_p`, and a
   token whose probability is exactly `min_p` times the largest;
 - `top_k` at 1, at the vocabulary size and beyond; temperatures at and just above the
-  greedy threshold; penalties at their extremes over prompts and outputs that repeat tokens.
+  greedy threshold; penalties at their extremes over prompts and outputs that repeat tokens;
+- the token controls of SPEC §6 step 1: a grammar's allowed set (sometimes only EOS, sometimes
+  empty: the grammar has ended), allowed_token_ids, bad words whose prefix the output ends with,
+  logit_bias at ±100, and their combinations that leave no token at all (§5 rule 0).
 
 The engine exposes `sample(logits [S, V], rows, eos_token_ids) -> list[int]` (the adapter hook
 `sample`),
-where each row is `SamplerRow(params, prompt_ids, output_ids, seed)` and a seeded row draws its
-`Exp(1)` noise from `torch.Generator().manual_seed(seed)`. Every token must equal the oracle's
-`ref.sampler.sample` on the same row, unless the oracle's own decision scores put the two
-tokens within the near-tie margin (conformance/compare.py).
+where each row is `SamplerRow(params, prompt_ids, output_ids, seed, allowed_by_grammar,
+bad_words_ids)` and a seeded row draws its `Exp(1)` noise from
+`torch.Generator().manual_seed(seed)`. Every token must equal the oracle's `ref.sampler.sample`
+on the same row, unless the oracle's own decision scores put the two tokens within the near-tie
+margin (conformance/compare.py); a row the masks leave without a token must be -1 (NO_TOKEN).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from ref.sampling_params import SAMPLING_EPS, SamplingParams
 
 VOCAB = 32
 EOS = (2,)
+NO_TOKEN = -1  # the hook's token for a row with nothing left to sample (SPEC §5 rule 0)
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,8 @@ class SamplerRow:
     prompt_ids: list[int]
     output_ids: list[int]
     seed: int | None  # None for greedy rows
+    allowed_by_grammar: list[int] | None = None  # the structured-output grammar's next tokens
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()  # params.bad_words as token sequences
 
 
 @st.composite
@@ -77,6 +84,13 @@ def sampler_params(draw, vocab: int = VOCAB) -> SamplingParams:
         ignore_eos=draw(st.booleans()),
         stop_token_ids=draw(st.sampled_from([[], [], [5], [5, 7]])),
     )
+    token = st.integers(0, vocab - 1)
+    if draw(st.integers(0, 4)) == 0:  # sometimes only stop tokens: min_tokens may then leave nothing
+        kw["allowed_token_ids"] = draw(st.one_of(st.lists(token, min_size=1, max_size=6),
+                                                 st.just([*EOS, 5])))
+    if draw(st.integers(0, 4)) == 0:
+        kw["logit_bias"] = draw(st.dictionaries(token, st.sampled_from([-100.0, -5.0, 0.5, 5.0, 100.0]),
+                                                min_size=1, max_size=3))
     temperature = draw(st.sampled_from([0.0, SAMPLING_EPS / 2, SAMPLING_EPS, 1e-3, 0.7, 1.0, 1.8]))
     if temperature < SAMPLING_EPS:
         return SamplingParams(temperature=temperature, **kw)
@@ -101,19 +115,51 @@ def sampler_batches(draw, vocab: int = VOCAB, eos: tuple[int, ...] = EOS):
         prompt = draw(st.lists(st.one_of(token, st.sampled_from(repeat)), min_size=1, max_size=12))
         output = draw(st.lists(st.one_of(token, st.sampled_from(repeat)), max_size=8))
         seed = None if params.greedy else draw(st.sampled_from([0, 1, 2**31, draw(st.integers(0, 2**40))]))
-        rows.append(SamplerRow(params, prompt, output, seed))
+        rows.append(SamplerRow(params, prompt, output, seed, draw(grammar_masks(vocab, eos)),
+                               draw(bad_words(output, vocab))))
         logits.append(draw(logits_rows(vocab, eos)))
     return torch.stack(logits), rows
 
 
+@st.composite
+def grammar_masks(draw, vocab: int = VOCAB, eos: tuple[int, ...] = EOS) -> list[int] | None:
+    """A grammar's allowed next tokens: None (unconstrained) most often; a few tokens; only EOS (a
+    complete sentence); nothing (the grammar has ended)."""
+    kind = draw(st.sampled_from(["none", "none", "none", "some", "eos", "ended"]))
+    if kind == "none":
+        return None
+    if kind == "eos":
+        return list(eos)
+    if kind == "ended":
+        return []
+    return sorted(set(draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=10))))
+
+
+@st.composite
+def bad_words(draw, output: list[int], vocab: int = VOCAB) -> tuple[tuple[int, ...], ...]:
+    """Bad words as token sequences; some start with the output's last tokens, so that their last
+    token is banned now, some do not (nothing banned), some are one token (always banned)."""
+    if draw(st.integers(0, 3)):
+        return ()
+    token = st.integers(0, vocab - 1)
+    words = []
+    for _ in range(draw(st.integers(1, 3))):
+        n = draw(st.integers(0, min(2, len(output))))
+        prefix = output[len(output) - n:] if n and draw(st.booleans()) else draw(st.lists(token, max_size=2))
+        words.append((*prefix, draw(token)))
+    return tuple(words)
+
+
 def oracle_tokens(logits: torch.Tensor, rows: list[SamplerRow], eos: tuple[int, ...]) -> list[torch.Tensor]:
-    """The oracle's decision scores per row (argmax = its token), each with its own generator."""
-    from ref.sampler import decision_scores
+    """The oracle's decision scores per row (argmax = its token; all -inf = no token), each with
+    its own generator."""
+    from ref.sampler import TokenControls, decision_scores
 
     scores = []
     for row, r in zip(logits, rows):
         gen = None if r.seed is None else torch.Generator().manual_seed(r.seed)
-        scores.append(decision_scores(row, r.params, r.prompt_ids, r.output_ids, eos, gen))
+        controls = TokenControls(r.allowed_by_grammar, [list(w) for w in r.bad_words_ids])
+        scores.append(decision_scores(row, r.params, r.prompt_ids, r.output_ids, eos, gen, controls))
     return scores
 
 
@@ -122,6 +168,10 @@ def check_sampler(sample, logits: torch.Tensor, rows: list[SamplerRow], eos: tup
     got = sample(logits.clone(), rows, eos)
     assert isinstance(got, list) and len(got) == len(rows), f"sampler returned {got!r} for {len(rows)} rows"
     for i, (scores, token, r) in enumerate(zip(oracle_tokens(logits, rows, eos), got, rows)):
+        if not bool(torch.isfinite(scores).any()):  # SPEC §5 rule 0
+            assert token == NO_TOKEN, (f"sampler row {i} ({r.params}, grammar={r.allowed_by_grammar}, "
+                                       f"bad words={r.bad_words_ids}): the masks leave no token, got {token}")
+            continue
         want = int(torch.argmax(scores))
         if token == want:
             continue
@@ -155,5 +205,25 @@ def fast_sample(logits: torch.Tensor, rows: list[SamplerRow], eos_token_ids: tup
     from fast.worker.sampler import Sampler, SamplingRow
 
     gens = [None if r.seed is None else torch.Generator().manual_seed(r.seed) for r in rows]
-    return Sampler(eos_token_ids)(logits, [SamplingRow(r.params, r.prompt_ids, r.output_ids, g)
-                                           for r, g in zip(rows, gens)]).token_ids
+    sampling_rows = [SamplingRow(r.params, r.prompt_ids, r.output_ids, g, [list(w) for w in r.bad_words_ids])
+                     for r, g in zip(rows, gens)]
+    return Sampler(eos_token_ids)(logits, sampling_rows, _grammar_rows(rows, logits.shape[1])).token_ids
+
+
+def _grammar_rows(rows: list[SamplerRow], vocab: int):
+    """fast's packed bitmask for the rows that carry a grammar mask (xgrammar's layout)."""
+    from fast.worker.sampler import GrammarRows
+
+    constrained = [r.allowed_by_grammar for r in rows if r.allowed_by_grammar is not None]
+    if not constrained:
+        return None
+    words = torch.zeros(len(constrained), (vocab + 31) // 32, dtype=torch.int64)
+    for i, allowed in enumerate(constrained):
+        for t in allowed:
+            words[i, t // 32] |= 1 << (t % 32)
+    words[words >= 2**31] -= 2**32  # int32 two's complement
+    row_of, k = [], 0
+    for r in rows:
+        row_of.append(k if r.allowed_by_grammar is not None else -1)
+        k += r.allowed_by_grammar is not None
+    return GrammarRows(words.to(torch.int32), row_of)
