@@ -302,9 +302,6 @@ def test_truncate_prompt_tokens_keeps_the_last_tokens(http):
     assert r.json()["choices"][0]["text"] == same.json()["choices"][0]["text"]
 
 
-@pytest.mark.xfail(strict=True, reason="AsyncLLMEngine._check_fits_cheaply rejects a prompt longer than "
-                                       "max_model_len before truncate_prompt_tokens applies (SPEC §3: truncation "
-                                       "comes before the max_model_len check)")
 def test_truncate_prompt_tokens_applies_before_the_max_model_len_check(http):
     r = http.post("/v1/completions", json={"prompt": [5] * 600, "max_tokens": 2, "truncate_prompt_tokens": 5})
     assert r.status_code == 200, r.text

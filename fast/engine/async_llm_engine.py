@@ -268,7 +268,8 @@ class AsyncLLMEngine:
         for r in requests:
             if not isinstance(r.priority, int) or isinstance(r.priority, bool):
                 raise ValueError(f"priority must be an integer, got {r.priority!r}")
-            self._check_fits_cheaply(r.prompt)
+            if r.params is None or r.params.truncate_prompt_tokens is None:  # truncation comes first
+                self._check_fits_cheaply(r.prompt)
         task = asyncio.ensure_future(self._add_locked(requests))
         try:
             stream = await asyncio.shield(task)
