@@ -18,6 +18,7 @@ validators); what is `fast`'s own is the cache, the batched fill and the state t
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
 from typing import Any
@@ -42,34 +43,41 @@ class StructuredOutputManager:
         self.eos_token_ids = tuple(eos_token_ids)
         self._compiler = None
         self._cache: OrderedDict[tuple, Any] = OrderedDict()
+        self._lock = threading.Lock()  # guards the cache and the lazy compiler, not a compile
         self.num_compiles = 0
         self.compile_time_s = 0.0
         self.fill_time_s = 0.0  # time spent filling bitmasks (the per-step cost of constraints)
         self.num_filled_rows = 0
 
     def _get_compiler(self):
-        if self._compiler is None:
-            import xgrammar
+        with self._lock:
+            if self._compiler is None:
+                import xgrammar
 
-            info = grammar_vocabulary(self.tokenizer, self.vocab_size, self.eos_token_ids)
-            # Our LRU is the only cache: xgrammar's own would grow with every distinct schema.
-            self._compiler = xgrammar.GrammarCompiler(info, cache_enabled=False)
-        return self._compiler
+                info = grammar_vocabulary(self.tokenizer, self.vocab_size, self.eos_token_ids)
+                # Our LRU is the only cache: xgrammar's own would grow with every distinct schema.
+                self._compiler = xgrammar.GrammarCompiler(info, cache_enabled=False)
+            return self._compiler
 
     def compile(self, so: StructuredOutputsParams):
-        """The compiled grammar of a constraint (ValueError naming the field if it cannot be)."""
+        """The compiled grammar of a constraint (ValueError naming the field if it cannot be).
+
+        Thread-safe: a server compiles in a side thread (xgrammar releases the GIL) while the
+        engine thread steps and reads the cache."""
         key = so.key()
-        compiled = self._cache.get(key)
-        if compiled is None:
-            t0 = time.perf_counter()
-            compiled = compile_constraint(self._get_compiler(), so)
+        with self._lock:
+            compiled = self._cache.get(key)
+            if compiled is not None:
+                self._cache.move_to_end(key)
+                return compiled
+        t0 = time.perf_counter()
+        compiled = compile_constraint(self._get_compiler(), so)
+        with self._lock:
             self.compile_time_s += time.perf_counter() - t0
             self.num_compiles += 1
             self._cache[key] = compiled
             if len(self._cache) > MAX_CACHED_GRAMMARS:
                 self._cache.popitem(last=False)
-        else:
-            self._cache.move_to_end(key)
         return compiled
 
     @staticmethod

@@ -5,7 +5,9 @@ when there are none. Callers add requests and read their outputs without ever to
 concurrently with a step:
 
     caller task                       loop task                      worker thread
-    add_requests ──(lock)──────────────────────────────────────────> engine.process (tokenize)
+    add_requests ─────────────────────────────────────────────────> grammar compile (no lock;
+                                                                     one at a time, deadline)
+                 ──(lock)──────────────────────────────────────────> engine.process (tokenize)
                  ──(lock, same hold)──> engine.add_request
                               while unfinished:
                                 apply pending aborts (lock)
@@ -37,16 +39,19 @@ import asyncio
 import dataclasses
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from ref.outputs import CompletionOutput, RequestOutput
-from ref.sampling_params import SamplingParams
+from ref.sampling_params import SamplingParams, StructuredOutputsParams
 
 if TYPE_CHECKING:  # fast.engine.llm_engine imports torch; `python -m fast.entrypoints.openai_server --help` must not wait for it
     from fast.engine.llm_engine import EngineMetrics, LLMEngine
 
 T = TypeVar("T")
+
+COMPILE_TIMEOUT_S = 10.0  # a structured-output constraint must compile within this (README "Limits")
 
 
 class EngineDeadError(RuntimeError):
@@ -214,6 +219,7 @@ class AsyncLLMEngine:
         self._task: asyncio.Task | None = None
         self._stopping = False
         self._dead: BaseException | None = None
+        self._compile_pool: ThreadPoolExecutor | None = None  # created on the first constrained request
 
     @classmethod
     def from_options(cls, model: str, **options: Any) -> "AsyncLLMEngine":
@@ -270,6 +276,9 @@ class AsyncLLMEngine:
                 raise ValueError(f"priority must be an integer, got {r.priority!r}")
             if r.params is None or r.params.truncate_prompt_tokens is None:  # truncation comes first
                 self._check_fits_cheaply(r.prompt)
+        for r in requests:
+            if r.params is not None and r.params.structured_outputs is not None:
+                await self._compile_beside_the_loop(r.params.structured_outputs)
         task = asyncio.ensure_future(self._add_locked(requests))
         try:
             stream = await asyncio.shield(task)
@@ -278,6 +287,21 @@ class AsyncLLMEngine:
             raise
         self._wake.set()
         return stream
+
+    async def _compile_beside_the_loop(self, so: StructuredOutputsParams) -> None:
+        """Compile a constraint into the engine's grammar cache without holding the lock, so the
+        engine keeps stepping (xgrammar releases the GIL). Compiles run one at a time in their own
+        thread, so abusive grammars (compile time grows ~cubically with some EBNF shapes) burn at
+        most one core; a compile not done within COMPILE_TIMEOUT_S rejects the request (the
+        compile itself cannot be interrupted: it finishes in the background)."""
+        if self._compile_pool is None:
+            self._compile_pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-compile")
+        future = self._compile_pool.submit(self.engine.structured.compile, so)
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(future), COMPILE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise ValueError(f"structured_outputs.{so.kind} cannot be compiled within {COMPILE_TIMEOUT_S:g} s "
+                             f"(compiles run one at a time; try a smaller grammar)") from None
 
     def _check_fits_cheaply(self, prompt: Any) -> None:
         """Reject a prompt that cannot fit max_model_len before anything copies or tokenizes it."""
@@ -387,6 +411,9 @@ class AsyncLLMEngine:
         self.abort(list(self._tracked))
         self._stopping = True
         self._wake.set()
+        if self._compile_pool is not None:
+            self._compile_pool.shutdown(wait=False, cancel_futures=True)
+            self._compile_pool = None
         try:
             await self._task
         finally:
