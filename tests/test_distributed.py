@@ -38,6 +38,7 @@ import pytest
 import torch
 
 from conformance.compare import check_request_outputs
+from ref.sampling_params import StructuredOutputsParams
 from fast import LLM, LLMEngine, SamplingParams
 from fast.engine.async_llm_engine import AsyncLLMEngine, EngineDeadError
 from fast.entrypoints.openai_server import build_app, serve_in_thread
@@ -192,7 +193,11 @@ def mixed_workload(vocab: int) -> list[tuple[dict, SamplingParams]]:
         SamplingParams(temperature=1.0, min_p=0.05, seed=3, n=2, max_tokens=20, logprobs=0, prompt_logprobs=3),
         SamplingParams(temperature=1.2, seed=8, max_tokens=30, min_tokens=10, ignore_eos=True),
         SamplingParams(temperature=1.0, max_tokens=12),  # unseeded: only its shape is comparable
+        # Structured output: every rank receives the step's grammar bitmask (it must pickle by value).
+        SamplingParams(temperature=0.8, seed=2, n=2, max_tokens=10, logit_bias={5: 3.0},
+                       structured_outputs=StructuredOutputsParams(regex="[ab]{1,4}c")),
     ]
+    prompts.append(shared + tokens(3))
     return [({"prompt_token_ids": p}, sp) for p, sp in zip(prompts, params)]
 
 

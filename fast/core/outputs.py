@@ -3,8 +3,8 @@
     Scheduler.schedule() ──SchedulerOutput──> Executor.execute_model() ──> Worker(s)
     Scheduler.update_from_output() <──ModelRunnerOutput── (rank 0 only)
 
-Both are made of ints, lists, dicts, `SamplingParams`, `Logprob` and (the grammar bitmask) a CPU
-tensor: they pickle, so the same
+Both are made of ints, lists, dicts, `SamplingParams`, `Logprob` and (the grammar bitmask) a numpy
+array: they pickle, so the same
 objects go to an in-process worker, to worker processes through a pipe, or to Ray actors. No live
 `Request` crosses: a worker keeps its own per-request state (token ids, block table, generator)
 and learns every change from the next `SchedulerOutput`, so data flows one way.
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
 from fast.core.kv_cache_manager import BlockCopy
 from fast.core.request import SampleId
@@ -73,8 +73,10 @@ class SchedulerOutput:
     finished_req_ids: list[SampleId] = field(default_factory=list)  # workers drop their state
     # Structured output: the constrained samples that sample this step, and row i of the packed
     # bitmask (int32 [rows, ceil(vocab / 32)]; bit t set = token t allowed) is the i-th one's.
+    # A numpy array, not a tensor: torch pickles tensors for worker processes through shared
+    # memory handles that only one receiver can open, and every rank receives this object.
     structured_req_ids: list[SampleId] = field(default_factory=list)
-    grammar_bitmask: torch.Tensor | None = None
+    grammar_bitmask: np.ndarray | None = None
 
     @property
     def total_num_scheduled_tokens(self) -> int:

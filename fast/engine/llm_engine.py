@@ -178,7 +178,7 @@ class LLMEngine:
         if scheduler_output.structured_req_ids:
             requests = self.scheduler.requests
             scheduler_output.grammar_bitmask = self.structured.grammar_bitmask(
-                [requests[i].grammar for i in scheduler_output.structured_req_ids])
+                [requests[i].grammar for i in scheduler_output.structured_req_ids]).numpy()
         runner_output = self.executor.execute_model(scheduler_output)
         touched = self.scheduler.update_from_output(scheduler_output, runner_output)
         if not report_running:

@@ -127,7 +127,7 @@ class ModelRunner:
         if out.grammar_bitmask is None:
             return None
         row_of = {req_id: i for i, req_id in enumerate(out.structured_req_ids)}
-        return GrammarRows(out.grammar_bitmask, [row_of.get(st.req_id, -1) for st in inputs.samplers])
+        return GrammarRows(torch.from_numpy(out.grammar_bitmask), [row_of.get(st.req_id, -1) for st in inputs.samplers])
 
     def update_states(self, out: SchedulerOutput) -> None:
         """Apply what the scheduler changed since the last step (one way: scheduler -> worker)."""
