@@ -15,7 +15,8 @@ import time
 # Kept free of torch/transformers imports so that `--help` answers at once; the lists below are
 # checked against conformance.tiers once the arguments are parsed.
 PROFILE_NAMES = ("quick", "full", "deep")
-TIER_NAMES = ("model", "kernel", "allocator", "scheduler", "sampler", "e2e", "determinism", "robustness")
+TIER_NAMES = ("model", "kernel", "allocator", "scheduler", "sampler", "e2e", "determinism", "robustness",
+              "structured")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

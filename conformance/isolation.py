@@ -61,7 +61,8 @@ from typing import Any
 
 # Classes sent by value although they are mutable dataclasses: the API's plain data records.
 DATA_CLASSES = frozenset({("ref.outputs", "RequestOutput"), ("ref.outputs", "CompletionOutput"),
-                          ("ref.outputs", "Logprob"), ("ref.sampling_params", "SamplingParams")})
+                          ("ref.outputs", "Logprob"), ("ref.sampling_params", "SamplingParams"),
+                          ("ref.sampling_params", "StructuredOutputsParams")})
 TENSOR_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
 # A tensor crosses with its device's (type, index); the receiver rebuilds it there if that is
 # the CPU or a CUDA device it has, else on the CPU (see `local_device`).

@@ -636,12 +636,23 @@ def targeted_cases(vocab: int, eos: tuple[int, ...], token_id: Callable[[str], i
                        n=2, max_tokens=24, logit_bias={e: 30.0}),
     ], [0, 0, 0])
     one_at_a_time = dict(max_model_len=128, block_size=8, num_kv_blocks=48, max_num_seqs=1, max_num_batched_tokens=8)
-    # 3. Rule 0 and the token controls, beside unconstrained requests: min_tokens holding EOS back
-    #    after a whole choice; EOS taken under ignore_eos; allowed_token_ids the grammar never
-    #    allows (no token at all); json_object and a grammar pushed to their shortest sentence;
-    #    bad_words and logit_bias on unconstrained requests.
-    p = [{"prompt_token_ids": [10 + i, 20 + i, 30 + i]} for i in range(7)]
-    rule0 = Workload(p, [
+    # 3. Rule 0 and the token controls, all prefilled in one step: a seeded n = 2 fork beside
+    #    other constrained samples (the scheduler and the workers may list a step's sampling rows
+    #    in different orders); min_tokens holding EOS back after a whole choice; EOS taken under
+    #    ignore_eos; allowed_token_ids the grammar never allows (no token at all); json_object and
+    #    a grammar pushed to their shortest sentence; unconstrained: bad_words, a two-token bad
+    #    word whose first token ends the prompt (only the output counts), logit_bias beside a
+    #    repetition penalty (bias first: (l + 40) / 2 < 30 picks the unseen token), and
+    #    allowed_token_ids on a seeded fork.
+    b, c, t, u = (token_id(x) for x in ("b", " c", "e", "a"))
+    base = [[10 + i, 20 + i, 30 + i] for i in range(10)]
+    if b is not None:
+        base[7] = base[7] + [b]
+    if t is not None:
+        base[8] = base[8] + [t]
+    rule0 = Workload([{"prompt_token_ids": ids} for ids in base], [
+        SamplingParams(structured_outputs=StructuredOutputsParams(choice=["the", "then", "he"]), temperature=1.0,
+                       seed=6, n=2, max_tokens=10),
         SamplingParams(structured_outputs=StructuredOutputsParams(choice=["ab", "b"]), temperature=0, max_tokens=10,
                        min_tokens=10),
         SamplingParams(structured_outputs=StructuredOutputsParams(choice=["in", "e"]), temperature=0, max_tokens=10,
@@ -653,8 +664,11 @@ def targeted_cases(vocab: int, eos: tuple[int, ...], token_id: Callable[[str], i
         SamplingParams(structured_outputs=StructuredOutputsParams(grammar=NESTED_LIST.ebnf), temperature=0,
                        max_tokens=10, logit_bias=push("]")),
         SamplingParams(temperature=0, max_tokens=8, bad_words=["the", "a"], logit_bias={vocab - 1: 5.0, 3: -100.0}),
+        SamplingParams(temperature=0, max_tokens=3, bad_words=["b c"], logit_bias={} if c is None else {c: 100.0}),
+        SamplingParams(temperature=0, max_tokens=2, repetition_penalty=2.0,
+                       logit_bias={k: v for k, v in ((t, 40.0), (u, 30.0)) if k is not None}),
         SamplingParams(temperature=1.0, seed=4, n=2, max_tokens=8, allowed_token_ids=list(range(60, 100))),
-    ], [0] * 7)
+    ], [0] * len(base))
     return [(preempt, small_pool), (chunked, one_at_a_time), (rule0, dict(max_model_len=128))]
 
 

@@ -1,4 +1,4 @@
-"""The eight tiers of checks. Each check is a Hypothesis property run against an adapter.
+"""The nine tiers of checks. Each check is a Hypothesis property run against an adapter.
 
 A check returns normally (passed), raises (failed: the minimal example is in the message), or
 raises `NotApplicable` when the adapter lacks the hook the check needs.
@@ -16,11 +16,12 @@ from conformance.compare import LOGIT_ATOL, assert_close, check_outputs_complete
 from conformance.coverage import (PROFILE_SCALE, Coverage, e2e_minimums, metric_features, option_features,
                                  output_features)
 from conformance.driver import run_workload
+from conformance.structured import build_structured
 from conformance.workloads import Workload, fast_engine_options, workloads
 from ref.inputs import DEFAULT_MAX_N, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
 from ref.sampling_params import SamplingParams
 
-TIERS = ("model", "kernel", "allocator", "scheduler", "sampler", "e2e", "determinism", "robustness")
+TIERS = ("model", "kernel", "allocator", "scheduler", "sampler", "e2e", "determinism", "robustness", "structured")
 MAX_MODEL_LEN = 128
 
 
@@ -703,4 +704,5 @@ CHECKS = [
     Check("robustness", "bad_requests_rejected", build_bad_inputs),
     Check("robustness", "bad_sampling_params", build_bad_params),
     Check("robustness", "abort_frees_everything", build_abort_frees),
+    Check("structured", "constraints_vs_oracle", build_structured),
 ]

@@ -141,3 +141,23 @@ def _touch_marker():
 sends_code = _send_on_encode(_touch_marker)
 # A pickle whose REDUCE calls a handle (a proxy of an engine object) while the suite decodes it.
 sends_a_call = _send_on_encode(lambda: (len, ([1, 2],)))
+
+
+def _without_constraints(params):
+    from ref.sampling_params import SamplingParams
+
+    strip = lambda p: SamplingParams(**{**p.__dict__, "structured_outputs": None})  # noqa: E731
+    return [strip(p) for p in params] if isinstance(params, list) else strip(params)
+
+
+class _IgnoresConstraints(FastAdapter):
+    """`fast`, except that it drops every request's `structured_outputs` (and runs the rest)."""
+
+    name = "ignores-constraints"
+
+    def generate(self, prompts, params):
+        return super().generate(prompts, _without_constraints(params))
+
+
+def ignores_constraints(model_dir, **options):
+    return _IgnoresConstraints(model_dir, **options)

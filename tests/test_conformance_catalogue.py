@@ -320,6 +320,48 @@ CATALOGUE = [
         "random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]",
         "random_rows = [i for i, r in enumerate(rows) if r.params.temperature > 0]",
         "sampler/edges_vs_oracle", "exact tie"),
+    # ---------------------------------------------------------------- structured output and token controls (SPEC §6)
+    # The bitmask's rows follow the scheduler's list of constrained samples (forked children
+    # last); the worker's sampling rows put each child after its parent.
+    Bug("grammar-bitmask-rows-taken-in-order", "fast.worker.sampler",
+        "allowed = unpack_bitmask(grammar.bitmask[[grammar.row_of[i] for i in constrained]], V)",
+        "allowed = unpack_bitmask(grammar.bitmask[: len(constrained)], V)",
+        "structured/constraints_vs_oracle", "finish_reason 'abort'|differs"),
+    Bug("forked-children-sample-unmasked", "fast.core.scheduler",  # their first token sees no bitmask
+        "return done + [child for _, child in plan.forked]", "return done",
+        "structured/constraints_vs_oracle", "sample 1: finish_reason 'abort'"),
+    Bug("grammar-skips-the-first-token", "fast.core.request",  # "the prefill's token is not the grammar's"
+        "if self.grammar is not None and not self.grammar.accept_token(token_id):",
+        "if self.grammar is not None and self.num_output_tokens > 0 and not self.grammar.accept_token(token_id):",
+        "structured/constraints_vs_oracle", "token 1 differs"),
+    Bug("grammar-refed-on-preemption", "fast.core.scheduler",  # recompute replays the output into the matcher
+        "        request.num_computed_tokens = 0\n",
+        "        request.num_computed_tokens = 0\n"
+        "        if request.grammar is not None:\n"
+        "            for token in request.output_token_ids:\n"
+        "                request.grammar.accept_token(token)\n",
+        "structured/constraints_vs_oracle", "differs|finish_reason 'abort'"),
+    Bug("ended-grammar-allows-everything", "fast.core.structured_output",  # xgrammar's allocate: all ones
+        "bitmask = torch.zeros(len(matchers), words, dtype=torch.int32)",
+        "bitmask = torch.full((len(matchers), words), -1, dtype=torch.int32)",
+        "structured/constraints_vs_oracle", "finish_reason 'abort'"),
+    Bug("rule-0-row-samples-token-0", "fast.worker.sampler",  # argmax of an all -inf row
+        "        for i in dead_rows:\n            token_list[i] = NO_TOKEN\n", "",
+        "structured/constraints_vs_oracle", "finish_reason 'abort'|differs"),
+    Bug("bad-words-match-the-prompt", "fast.worker.sampler",
+        "banned = _banned_by_bad_words(r.bad_words_token_ids, r.output_ids)",
+        "banned = _banned_by_bad_words(r.bad_words_token_ids, r.prompt_ids + r.output_ids)",
+        "structured/constraints_vs_oracle", "request 7 sample 0: token 0 differs"),
+    Bug("logit-bias-after-penalties", "fast.worker.sampler",
+        "        if masked:\n            logits = self._apply_masks(logits, rows, grammar)\n"
+        "        logits = self._apply_min_tokens(logits, rows)\n        logits = self._apply_penalties(logits, rows)\n",
+        "        logits = self._apply_penalties(logits, rows)\n"
+        "        if masked:\n            logits = self._apply_masks(logits, rows, grammar)\n"
+        "        logits = self._apply_min_tokens(logits, rows)\n",
+        "structured/constraints_vs_oracle", "request 8 sample 0: token 0 differs"),
+    Bug("allowed-token-ids-only-for-greedy", "fast.worker.sampler",
+        "if p.allowed_token_ids is not None:", "if p.allowed_token_ids is not None and p.greedy:",
+        "structured/constraints_vs_oracle", "request 9 sample 0: token 0 differs"),
 ]
 
 # Defects the suite does not catch yet, and why (numbers from the catalogue's own runs).
