@@ -279,19 +279,27 @@ def _grammar_of(ebnf: str) -> Grammar:
 KINDS = StructuredOutputsParams.KINDS  # json, regex, choice, grammar, json_object
 
 
-def constraints() -> st.SearchStrategy[StructuredOutputsParams]:
-    """A constraint of each kind: JSON schemas, regexes and choices mostly, grammars and
-    `json_object` now and then."""
-    ws = st.booleans()
-    return st.one_of(
-        st.builds(lambda s, d: StructuredOutputsParams(json=s, disable_any_whitespace=d), json_schemas(), ws),
-        st.builds(lambda s, d: StructuredOutputsParams(json=json.dumps(s), disable_any_whitespace=d),
-                  json_schemas(), ws),  # the schema as JSON text
-        regexes().map(lambda r: StructuredOutputsParams(regex=r)),
-        choice_lists().map(lambda c: StructuredOutputsParams(choice=c)),
-        grammars().map(lambda g: StructuredOutputsParams(grammar=g.ebnf)),
-        ws.map(lambda d: StructuredOutputsParams(json_object=True, disable_any_whitespace=d)),
-    )
+# The kinds drawn, JSON schemas most, grammars and any JSON object now and then; interleaved,
+# since Hypothesis favours the first entries of a `sampled_from` (and shrinks towards them).
+KIND_DRAWS = ("json", "regex", "choice", "json", "json_object", "grammar", "json", "choice", "regex", "json")
+
+
+@st.composite
+def constraints(draw) -> StructuredOutputsParams:
+    """A constraint of a kind drawn from `KIND_DRAWS` (a JSON schema as a dict or as its text)."""
+    kind = draw(st.sampled_from(KIND_DRAWS))
+    if kind in ("json", "json_object"):
+        no_ws = draw(st.booleans())
+        if kind == "json_object":
+            return StructuredOutputsParams(json_object=True, disable_any_whitespace=no_ws)
+        schema = draw(json_schemas())
+        return StructuredOutputsParams(json=json.dumps(schema) if draw(st.booleans()) else schema,
+                                       disable_any_whitespace=no_ws)
+    if kind == "regex":
+        return StructuredOutputsParams(regex=draw(regexes()))
+    if kind == "choice":
+        return StructuredOutputsParams(choice=draw(choice_lists()))
+    return StructuredOutputsParams(grammar=draw(grammars()).ebnf)
 
 
 # ----------------------------------------------------------------------------- validators
