@@ -82,3 +82,35 @@ def memory(scale: str = "full") -> Workload:
 
 
 WORKLOADS = {"offline": offline, "shared-prefix": shared_prefix, "long-context": long_context, "memory": memory}
+
+
+# ----------------------------------------------------------------------------- structured output
+#
+# The constraints of the structured-output benchmarks (benchmarks/grammar_engines.py picks the
+# grammar library on them; benchmarks/bench_structured.py runs the offline workload under them).
+
+STRUCTURED_SCHEMA = {  # a typical extraction schema: 5 properties, a range, an enum, an array
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "status": {"enum": ["active", "inactive", "pending"]},
+        "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 4},
+        "score": {"type": "number"},
+    },
+    "required": ["name", "age", "status", "tags", "score"],
+    "additionalProperties": False,
+}
+STRUCTURED_REGEX = r"[a-z][a-z0-9._]+@[a-z]+\.(com|org|net)"  # an e-mail address
+# The same with bounded repetitions: a broad character class repeated {m,n} times is the case
+# where xgrammar's mask cost grows with the vocabulary (grammar_engines.py measures both).
+STRUCTURED_REGEX_BOUNDED = r"[a-z][a-z0-9._]{2,15}@[a-z]{3,10}\.(com|org|net)"
+STRUCTURED_CHOICE = ["positive", "negative", "neutral", "mixed"]
+
+
+def structured_model_dir(scale: str = "full") -> str:
+    """The benchmark model of `scale` with the embedded tokenizer (a constraint is over text).
+    The tokenizer is the byte-level BPE `ref.models` trains on its small corpus: at vocab 8192 it
+    has 685 tokens, the other ids have no text (a grammar never allows them)."""
+    overrides = SMOKE_MODEL if scale == "smoke" else BENCH_MODEL
+    return str(tiny_checkpoint("llama", seed=0, tokenizer=True, **overrides))
