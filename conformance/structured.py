@@ -1,8 +1,8 @@
 """The `structured` tier: constrained outputs validated independently, and equal to the oracle's.
 
-Hypothesis draws constraints a random tiny model can finish — JSON schemas (hypothesis-jsonschema
-over `META_SCHEMA`, a meta-schema of small objects), regexes over a small ASCII alphabet, choice
-lists, `json_object`, small EBNF grammars — and workloads that mix them with unconstrained
+Hypothesis draws constraints a random tiny model can finish — JSON schemas (closed objects whose
+properties hypothesis-jsonschema draws from `PROPERTY_META_SCHEMA`), regexes over a small ASCII
+alphabet, choice lists, `json_object`, small EBNF grammars — and workloads that mix them with unconstrained
 requests, the token controls (`allowed_token_ids`, `bad_words`, `logit_bias`, `min_tokens`,
 `ignore_eos`), greedy, seeded and unseeded sampling and n > 1, on engines with small pools,
 chunked prefill and prefix caching (so preemption and prefix hits come up). Each example runs the
@@ -443,7 +443,10 @@ def _check_rule0_sample(prompt: list[int], p: SamplingParams, c, rules, label: s
 MAX_TOKENS = {"choice": 10, "regex": 20, "grammar": 32, "json": 64, "json_object": 32}
 # Words for bad_words: single letters and merges of the tiny model's vocabulary, a two-token word.
 BAD_WORDS = ("a", "e", "the", "in", "1", "b c", '"', "he")
-CONSTRAINED_PROMPT_LEN = 24  # prompt tokens at most, so that the output has room in max_model_len
+# Prompt tokens at most: short, so that an output has room in max_model_len; in one workload of
+# three long, so that a few requests overflow the smallest pools (one max_model_len request) and
+# get preempted (a constrained output may then also meet max_model_len).
+PROMPT_LEN, LONG_PROMPT_LEN = 24, 72
 
 
 def with_fields(params: SamplingParams, **fields: Any) -> SamplingParams:
@@ -492,7 +495,8 @@ def constrained_params(draw, vocab: int, eos: tuple[int, ...], so: StructuredOut
         kw["ignore_eos"] = True
     if draw(st.integers(0, 5)) == 0:
         kw.update(repetition_penalty=draw(st.sampled_from([1.2, 0.8])),
-                  frequency_penalty=draw(st.sampled_from([0.0, 0.5])), presence_penalty=draw(st.sampled_from([0.0, -0.5])))
+                  frequency_penalty=draw(st.sampled_from([0.0, 0.5])),
+                  presence_penalty=draw(st.sampled_from([0.0, -0.5])))
     if draw(st.integers(0, 5)) == 0:
         kw["logprobs"] = draw(st.integers(0, 3))
     if draw(st.integers(0, 7)) == 0:
@@ -503,11 +507,11 @@ def constrained_params(draw, vocab: int, eos: tuple[int, ...], so: StructuredOut
 
 
 @st.composite
-def structured_workloads(draw, vocab: int = 512, eos: tuple[int, ...] = (2,), max_requests: int = 6,
-                         max_model_len: int = 128):
+def structured_workloads(draw, vocab: int = 512, eos: tuple[int, ...] = (2,), max_requests: int = 6):
     """Constrained requests (three in four) among unconstrained ones (the e2e tier's requests,
-    now and then with token controls), prompts sharing prefixes (prefix-cache hits), priorities,
-    and now and then an abort; at least one request is constrained."""
+    now and then with token controls), prompts sharing prefixes (prefix-cache hits), long in one
+    workload of three (`LONG_PROMPT_LEN`: preemption), priorities, and now and then an abort; at
+    least one request is constrained."""
     from conformance.workloads import Workload, sampling_params_strategy
 
     token = st.integers(3, vocab - 1)
@@ -516,13 +520,14 @@ def structured_workloads(draw, vocab: int = 512, eos: tuple[int, ...] = (2,), ma
         n = draw(st.integers(lo, hi))
         return draw(st.lists(token, min_size=n, max_size=n))
 
-    prefixes = [tokens(4, CONSTRAINED_PROMPT_LEN - 4) for _ in range(draw(st.integers(1, 2)))]
+    longest = LONG_PROMPT_LEN if draw(st.integers(0, 2)) == 0 else PROMPT_LEN
+    prefixes = [tokens(4, longest - 4) for _ in range(draw(st.integers(1, 2)))]
     num = draw(st.integers(1, max_requests))
     constrained_at = draw(st.integers(0, num - 1))
     prompts, params = [], []
     for i in range(num):
         prefix = draw(st.sampled_from([[], *prefixes]))
-        prompts.append({"prompt_token_ids": prefix + tokens(0 if prefix else 1, CONSTRAINED_PROMPT_LEN - len(prefix))})
+        prompts.append({"prompt_token_ids": prefix + tokens(0 if prefix else 1, longest - len(prefix))})
         if i == constrained_at or draw(st.integers(0, 3)) > 0:
             params.append(draw(constrained_params(vocab, eos)))
         else:
@@ -611,6 +616,7 @@ def targeted_cases(vocab: int, eos: tuple[int, ...], token_id: Callable[[str], i
     some draws only (`token_id(text)`: the model's one token spelling `text`, for a bias that
     pushes an output to its shortest sentence). Engine options are for an engine the suite
     drives (ignored otherwise)."""
+    from conformance.tiers import MAX_MODEL_LEN
     from conformance.workloads import Workload
 
     e = eos[0] if eos else 2
@@ -627,7 +633,8 @@ def targeted_cases(vocab: int, eos: tuple[int, ...], token_id: Callable[[str], i
         SamplingParams(structured_outputs=long_regex, temperature=0, max_tokens=40),
         SamplingParams(structured_outputs=long_regex, temperature=0.8, seed=9, max_tokens=40, logit_bias={e: 30.0}),
     ], [0, 0, 0])
-    small_pool = dict(max_model_len=128, block_size=8, num_kv_blocks=16, max_num_seqs=4, max_num_batched_tokens=64)
+    small_pool = dict(max_model_len=MAX_MODEL_LEN, block_size=8, num_kv_blocks=MAX_MODEL_LEN // 8, max_num_seqs=4,
+                      max_num_batched_tokens=64)
     # 2. Chunks of 8 prompt tokens, one request at a time, over a shared 33-token prefix: the
     #    second and third hit the first's cached blocks; JSON, a choice and a grammar.
     shared = [4 + (5 * k) % (vocab - 4) for k in range(33)]
@@ -643,7 +650,8 @@ def targeted_cases(vocab: int, eos: tuple[int, ...], token_id: Callable[[str], i
         SamplingParams(structured_outputs=StructuredOutputsParams(grammar=ARITHMETIC.ebnf), temperature=1.0, seed=2,
                        n=2, max_tokens=24, logit_bias={e: 30.0}),
     ], [0, 0, 0])
-    one_at_a_time = dict(max_model_len=128, block_size=8, num_kv_blocks=48, max_num_seqs=1, max_num_batched_tokens=8)
+    one_at_a_time = dict(max_model_len=MAX_MODEL_LEN, block_size=8, num_kv_blocks=48, max_num_seqs=1,
+                         max_num_batched_tokens=8)
     # 3. Rule 0 and the token controls, all prefilled in one step: a seeded n = 2 fork beside
     #    other constrained samples (the scheduler and the workers may list a step's sampling rows
     #    in different orders); min_tokens holding EOS back after a whole choice; EOS taken under
@@ -677,7 +685,7 @@ def targeted_cases(vocab: int, eos: tuple[int, ...], token_id: Callable[[str], i
                        logit_bias={k: v for k, v in ((t, 40.0), (u, 30.0)) if k is not None}),
         SamplingParams(temperature=1.0, seed=4, n=2, max_tokens=8, allowed_token_ids=list(range(60, 100))),
     ], [0] * len(base))
-    return [(preempt, small_pool), (chunked, one_at_a_time), (rule0, dict(max_model_len=128))]
+    return [(preempt, small_pool), (chunked, one_at_a_time), (rule0, dict(max_model_len=MAX_MODEL_LEN))]
 
 
 def _token_lookup(model_dir: str) -> Callable[[str], int | None]:
@@ -778,7 +786,7 @@ def build_structured(ctx):
             what = str(err) if isinstance(err, AssertionError) else f"{type(err).__name__}: {err}"
             raise AssertionError(f"targeted structured case {i} ({_describe(*case)}): {what}") from err
     body.targeted = len(targeted_cases(vocab, eos, lambda text: None))
-    wl = structured_workloads(vocab, eos, max_requests=min(5, p.max_requests), max_model_len=MAX_MODEL_LEN)
+    wl = structured_workloads(vocab, eos, max_requests=min(5, p.max_requests))
     if use_engine:
         return st.tuples(wl, fast_engine_options(MAX_MODEL_LEN)), body
     return st.tuples(wl.map(lambda w: type(w)(w.prompts, w.params, w.priorities, {})), st.just({})), body
