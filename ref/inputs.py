@@ -85,6 +85,7 @@ def process_prompt(prompt: Any, codec: TextCodec) -> ProcessedPrompt:
 
 
 def check_params_type(params: Any) -> None:
+    """A request's params are a SamplingParams (None was replaced by the defaults before)."""
     if not isinstance(params, SamplingParams):
         raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
 
@@ -140,10 +141,10 @@ def _validate_token_controls(params: SamplingParams, vocab_size: int, has_tokeni
     """SPEC §4's rules for allowed_token_ids, logit_bias, bad_words and structured_outputs (the
     constraint is compiled by the engine, after these checks)."""
     for name, ids in (("allowed_token_ids", params.allowed_token_ids or []),
-                      ("logit_bias", list(params.logit_bias or {}))):
+                      ("logit_bias keys", list(params.logit_bias or {}))):
         bad = [t for t in ids if t >= vocab_size]
         if bad:
-            raise ValueError(f"{name} ids must be in [0, {vocab_size}) (vocab size), got {bad[0]}")
+            raise ValueError(f"{name} must be in [0, {vocab_size}) (vocab size), got {bad[0]}")
     words = params.bad_words or []
     if len(words) > MAX_BAD_WORDS:
         raise ValueError(f"bad_words must have at most {MAX_BAD_WORDS} words, got {len(words)}")

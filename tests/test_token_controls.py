@@ -116,8 +116,8 @@ def _validate(has_tokenizer=True, **kwargs):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"allowed_token_ids": [3, VOCAB]}, rf"^allowed_token_ids ids must be in \[0, {VOCAB}\).*got {VOCAB}"),
-    ({"logit_bias": {VOCAB + 7: 1.0}}, rf"^logit_bias ids must be in \[0, {VOCAB}\).*got {VOCAB + 7}"),
+    ({"allowed_token_ids": [3, VOCAB]}, rf"^allowed_token_ids must be in \[0, {VOCAB}\).*got {VOCAB}"),
+    ({"logit_bias": {VOCAB + 7: 1.0}}, rf"^logit_bias keys must be in \[0, {VOCAB}\).*got {VOCAB + 7}"),
     ({"bad_words": ["w"] * (MAX_BAD_WORDS + 1)}, f"^bad_words must have at most {MAX_BAD_WORDS}"),
     ({"bad_words": ["w" * (MAX_BAD_WORD_CHARS + 1)]}, f"^bad_words must be at most {MAX_BAD_WORD_CHARS}"),
     ({"structured_outputs": SO(regex="a" * (MAX_STRUCTURED_CHARS + 1))},
@@ -363,8 +363,8 @@ def test_llm_truncate_prompt_tokens_keeps_the_last_k(ref_llm):
 
 def test_llm_rejects_out_of_vocab_controls_before_queueing(ref_llm):
     engine = ref_llm.llm_engine
-    with pytest.raises(ValueError, match="^allowed_token_ids ids must be in"):
+    with pytest.raises(ValueError, match="^allowed_token_ids must be in"):
         ref_llm.generate(PROMPTS, [SamplingParams(), SamplingParams(allowed_token_ids=[VOCAB])])
-    with pytest.raises(ValueError, match="^logit_bias ids must be in"):
+    with pytest.raises(ValueError, match="^logit_bias keys must be in"):
         engine.add_request("x", PROMPTS[0], SamplingParams(logit_bias={VOCAB: 1.0}))
     assert not engine.has_unfinished_requests()
