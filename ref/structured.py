@@ -78,7 +78,11 @@ class TokenGrammar:
 
     def __init__(self, compiled: Any, vocab_size: int):
         self.matcher = _xgr().GrammarMatcher(compiled)
-        self.vocab_size = vocab_size
+        info = compiled.tokenizer_info
+        stop = set(info.stop_token_ids)
+        # Tokens with no text (special ones, ids past the tokenizer) are never allowed, EOS aside
+        # (SPEC §6); not asking about them also spares a warning per id and step from xgrammar.
+        self.candidates = [t for t in range(vocab_size) if t in stop or info.decoded_vocab[t]]
 
     def allowed_tokens(self) -> list[int]:
         """Every token the grammar accepts next (none once it has ended)."""
@@ -86,7 +90,7 @@ class TokenGrammar:
         if m.is_terminated():
             return []
         allowed = []
-        for t in range(self.vocab_size):
+        for t in self.candidates:
             if m.accept_token(t):
                 allowed.append(t)
                 m.rollback(1)
