@@ -309,13 +309,16 @@ def validate(so: StructuredOutputsParams, text: str) -> str | None:
     xgrammar: `jsonschema`, `re.fullmatch`, membership, or the grammar's own parser.
 
     JSON is parsed with `strict=False`: xgrammar's JSON strings admit raw control characters
-    (U+0000-U+001F), which RFC 8259 wants escaped; that is all `strict=False` lets through."""
+    (U+0000-U+001F), which RFC 8259 wants escaped; that is all `strict=False` lets through. With
+    `disable_any_whitespace` the text must also be in the compact layout (`compact_layout`)."""
     kind = so.kind
     if kind in ("json", "json_object"):
         try:
             value = json.loads(text, strict=False)
         except ValueError as err:
             return f"not JSON: {err}"
+        if so.disable_any_whitespace and (why := compact_layout(text)) is not None:
+            return why
         if kind == "json_object":
             return None if isinstance(value, dict) else f"JSON {type(value).__name__}, not an object"
         import jsonschema
@@ -331,6 +334,24 @@ def validate(so: StructuredOutputsParams, text: str) -> str | None:
     if kind == "choice":
         return None if text in so.choice else f"is not one of {so.choice}"
     return None if _grammar_of(so.grammar).accepts(text) else "is not a sentence of the grammar"
+
+
+def compact_layout(text: str) -> str | None:
+    """None if the JSON text's whitespace outside strings is exactly one space after each ',' and
+    ':' and nowhere else — the layout xgrammar gives `disable_any_whitespace` (json.dumps'
+    default separators) — else where it is not."""
+    in_string = escaped = False
+    for pos, ch in enumerate(text):
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (ch == "\\", ch != '"')
+            continue
+        if ch == '"':
+            in_string = True
+        elif ch in ",:" and not text.startswith(" ", pos + 1):
+            return f"no space after {ch!r} at {pos} (disable_any_whitespace: ', ' and ': ')"
+        elif ch.isspace() and not (ch == " " and pos > 0 and text[pos - 1] in ",:"):
+            return f"whitespace {ch!r} at {pos} outside a string (disable_any_whitespace: ', ' and ': ' only)"
+    return None
 
 
 def must_be_sentence(params: SamplingParams, completion, eos_token_ids: tuple[int, ...]) -> bool:
@@ -381,7 +402,7 @@ def check_sentences(label: str, prompts: list[dict], params: list[SamplingParams
 def _describe_constraint(so: StructuredOutputsParams) -> str:
     spec = getattr(so, so.kind)
     text = spec if isinstance(spec, str) else json.dumps(spec)
-    return f"{so.kind}={text[:300]!s}" + (" (no whitespace)" if so.disable_any_whitespace else "")
+    return f"{so.kind}={text[:300]!s}" + (" (disable_any_whitespace)" if so.disable_any_whitespace else "")
 
 
 # ----------------------------------------------------------------------------- SPEC's output rules
@@ -644,7 +665,7 @@ def targeted_cases(vocab: int, eos: tuple[int, ...], token_id: Callable[[str], i
     chunked = Workload([{"prompt_token_ids": shared + [7, 8, 9]}, {"prompt_token_ids": shared + [9, 8]},
                         {"prompt_token_ids": shared + [5]}], [
         SamplingParams(structured_outputs=StructuredOutputsParams(json=schema, disable_any_whitespace=True),
-                       temperature=0.7, seed=1, max_tokens=40, logit_bias={e: 30.0}),
+                       temperature=1.0, seed=1, n=3, max_tokens=40, logit_bias={e: 30.0}),
         SamplingParams(structured_outputs=StructuredOutputsParams(choice=["the", "then", "a b"]), temperature=0,
                        max_tokens=8),
         SamplingParams(structured_outputs=StructuredOutputsParams(grammar=ARITHMETIC.ebnf), temperature=1.0, seed=2,

@@ -359,6 +359,10 @@ CATALOGUE = [
         "        if masked:\n            logits = self._apply_masks(logits, rows, grammar)\n"
         "        logits = self._apply_min_tokens(logits, rows)\n",
         "structured/constraints_vs_oracle", "request 8 sample 0: token 0 differs"),
+    # In the code both engines share (ref/structured.py), so only the independent validators see it.
+    Bug("json-whitespace-flag-inverted", "ref.structured",
+        "any_ws = not so.disable_any_whitespace", "any_ws = so.disable_any_whitespace",
+        "structured/constraints_vs_oracle", "outside a string"),
     Bug("allowed-token-ids-only-for-greedy", "fast.worker.sampler",
         "if p.allowed_token_ids is not None:", "if p.allowed_token_ids is not None and p.greedy:",
         "structured/constraints_vs_oracle", "request 9 sample 0: token 0 differs"),

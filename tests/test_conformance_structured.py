@@ -46,6 +46,7 @@ def run_tier(factory, model_dir: str, examples: int = PROFILE.examples):
     (S(json={"type": "object", "properties": {"s": {"type": "string", "maxLength": 2}}, "required": ["s"]}),
      '{"s": "\x0c!"}'),  # a raw control character: what xgrammar's JSON strings admit (strict=False)
     (S(json_object=True), '{"k": [1, {"x": null}]}'),
+    (S(json_object=True, disable_any_whitespace=True), '{"k": [1, {"x": "a ,: b"}], "e": {}}'),  # compact
     (S(regex="(a|bc){1,2}[0-9]?"), "bca7"),
     (S(choice=["a", "ab", "b c"]), "b c"),
     (S(grammar=ARITHMETIC.ebnf), "(1+23)-4"),
@@ -62,6 +63,9 @@ def test_validators_accept_sentences(so, text):
     (S(json={"type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a"]}), '{"a": true', "JSON"),
     (S(json={"type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a"]}), '{}', "schema"),
     (S(json_object=True), "[1]", "not an object"),
+    (S(json_object=True, disable_any_whitespace=True), '{"k":1}', "no space after"),
+    (S(json_object=True, disable_any_whitespace=True), '{"k": [1 ]}', "outside a string"),
+    (S(json_object=True, disable_any_whitespace=True), '{"k":\n1}', "no space after"),
     (S(regex="(a|bc){1,2}"), "abca", "match"),  # three repetitions: a prefix matches, not the whole
     (S(regex="a"), "ab", "match"),
     (S(choice=["a", "ab"]), "abc", "one of"),
