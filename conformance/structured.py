@@ -114,14 +114,17 @@ def _from_schema():
 
 # Characters the tiny model's vocabulary spells alone and in merges ("he", "in", "Ġt", "Ġthe"...).
 REGEX_CHARS = "abehint 01"
-_CLASSES = ("[a-e]", "[0-9]", "[ht]", "[a-c0-2]", "[ ei]")
+_CLASSES = ("[a-e]", "[0-9]", "[ht]", "[a-c0-2]", "[ ei]", r"\d", r"[.(]")
+_ESCAPED = (r"\.", r"\(", r"\)")  # literals that are regex syntax unescaped
 
 
 @st.composite
 def _regex_piece(draw, depth: int) -> str:
-    kind = draw(st.sampled_from(["char", "char", "class", "group"] if depth < 2 else ["char", "class"]))
+    kind = draw(st.sampled_from(["char", "char", "class", "group", "escaped"] if depth < 2 else ["char", "class"]))
     if kind == "char":
         atom = draw(st.sampled_from(REGEX_CHARS))
+    elif kind == "escaped":
+        atom = draw(st.sampled_from(_ESCAPED))
     elif kind == "class":
         atom = draw(st.sampled_from(_CLASSES))
     else:
@@ -129,7 +132,7 @@ def _regex_piece(draw, depth: int) -> str:
         atom = "(" + "|".join(branches) + ")"
     lo = draw(st.integers(0, 2))
     quantifier = draw(st.sampled_from(["", "", "?", f"{{{lo}}}", f"{{{lo},{lo + draw(st.integers(0, 2))}}}"]))
-    if quantifier == "{0}":  # matches only "": a piece worth nothing
+    if quantifier in ("{0}", "{0,0}"):  # matches only "": a piece worth nothing
         quantifier = ""
     return atom + quantifier
 
@@ -146,7 +149,8 @@ def regexes() -> st.SearchStrategy[str]:
 
 # ----------------------------------------------------------------------------- choices
 
-_CHOICE_WORD = st.text(alphabet="abehint ", min_size=1, max_size=5)
+# A quote and a backslash (the choice grammar must escape them) and a two-byte character.
+_CHOICE_WORD = st.text(alphabet='abehint "\\é', min_size=1, max_size=5)
 
 
 @st.composite
@@ -379,17 +383,18 @@ def ended_by_rule0(params: SamplingParams, completion, eos_token_ids: tuple[int,
     return not (ids and len(ids) >= params.min_tokens and ids[-1] in stop_ids)
 
 
-def check_sentences(label: str, prompts: list[dict], params: list[SamplingParams], outputs: dict[int, Any],
-                    eos_token_ids: tuple[int, ...]) -> int:
-    """Validate every sample that must be a sentence (`must_be_sentence`); raises naming the
-    request, the sample, the constraint and the text. Returns how many were validated."""
+def check_sentences(label: str, params: list[SamplingParams], outputs: dict[int, Any], eos_token_ids: tuple[int, ...],
+                    sentence_of: Callable[[Any], str]) -> int:
+    """Validate every sample that must be a sentence (`must_be_sentence`); `sentence_of(sample)`
+    is its output as the grammar saw it (`TokenBytes.sentence`). Raises naming the request, the
+    sample, the constraint and the text. Returns how many were validated."""
     validated = 0
     for i, out in sorted(outputs.items()):
         p = params[i]
         for c in out.outputs:
             if not must_be_sentence(p, c, eos_token_ids):
                 continue
-            why = validate(p.structured_outputs, c.text)
+            why = validate(p.structured_outputs, sentence_of(c))
             if why is not None:
                 raise AssertionError(
                     f"{label} request {i} sample {c.index}: {p.structured_outputs.kind} output {c.text!r} "
@@ -403,6 +408,60 @@ def _describe_constraint(so: StructuredOutputsParams) -> str:
     spec = getattr(so, so.kind)
     text = spec if isinstance(spec, str) else json.dumps(spec)
     return f"{so.kind}={text[:300]!s}" + (" (disable_any_whitespace)" if so.disable_any_whitespace else "")
+
+
+class TokenBytes:
+    """Each token's bytes, read from the checkpoint's tokenizer.json with no code of `ref/` (a
+    byte-level BPE: GPT-2's byte alphabet; special tokens have none), to validate an output as
+    the bytes its grammar took (SPEC: a constraint is a language over the output's bytes).
+
+    Why not `text`: xgrammar's JSON strings admit the UTF-8 form of surrogate code points
+    (bytes ED A0 80 - ED BF BF), which are not UTF-8, so the detokenizer shows each as three
+    U+FFFD and a string of maxLength 2 can read as six characters. Decoded with "surrogatepass",
+    such a byte sequence is the one character the grammar counted. Any other invalid UTF-8 is
+    still a failure. A tokenizer of another kind: `text` is validated (`sentence` falls back)."""
+
+    def __init__(self, table: dict[int, bytes] | None):
+        self.table = table
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str) -> "TokenBytes":
+        from pathlib import Path
+
+        path = Path(model_dir) / "tokenizer.json"
+        if not path.is_file():
+            return cls(None)
+        spec = json.loads(path.read_text())
+        if (spec.get("decoder") or {}).get("type") != "ByteLevel" or spec["model"].get("type") != "BPE":
+            return cls(None)
+        byte_of = {ch: b for b, ch in _gpt2_byte_alphabet().items()}
+        special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+        table = {}
+        for piece, token in spec["model"]["vocab"].items():
+            if token in special:
+                table[token] = b""
+            elif all(ch in byte_of for ch in piece):
+                table[token] = bytes(byte_of[ch] for ch in piece)
+        return cls(table)
+
+    def sentence(self, completion) -> str:
+        """The sample's output as its grammar read it: its tokens' bytes, surrogates passed
+        (the `text` itself where the bytes are unknown)."""
+        if self.table is None or any(t not in self.table for t in completion.token_ids):
+            return completion.text
+        raw = b"".join(self.table[t] for t in completion.token_ids)
+        try:
+            return raw.decode("utf-8", "surrogatepass")
+        except UnicodeDecodeError as err:
+            raise AssertionError(f"sample {completion.index}: its bytes {raw!r} are not UTF-8 ({err}), "
+                                 f"which no grammar of SPEC's constraints admits") from None
+
+
+def _gpt2_byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (byte-level BPE vocabularies spell bytes so)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    rest = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + k) for k, b in enumerate(rest)}}
 
 
 # ----------------------------------------------------------------------------- SPEC's output rules
@@ -765,6 +824,7 @@ def build_structured(ctx):
         raise NotApplicable("the model has no tokenizer, so no request can be constrained (SPEC §4)")
     p = ctx.profile
     vocab, eos = _vocab(ctx.model_dir), tuple(ctx.rules.eos_token_ids)
+    token_bytes = TokenBytes.from_model_dir(ctx.model_dir)
     make_engine = getattr(ctx.adapter, "make_engine", None)
     kv_is_empty = getattr(ctx.adapter, "kv_is_empty", None)
     use_engine = make_engine is not None and getattr(ctx.adapter, "name", "") in ("fast", "fast-tp2")
@@ -786,8 +846,8 @@ def build_structured(ctx):
             check_outputs_complete(_requests(workload), outs)
             got, metrics = dict(enumerate(outs)), set()
         expected = compare_with_oracle(ctx, workload, got)
-        check_sentences("engine", workload.prompts, workload.params, got, eos)
-        check_sentences("oracle", workload.prompts, workload.params, expected, eos)
+        check_sentences("engine", workload.params, got, eos, token_bytes.sentence)
+        check_sentences("oracle", workload.params, expected, eos, token_bytes.sentence)
         features |= example_features(workload, got, options, eos)
         if any(workload.params[i].structured_outputs is not None for i in got):
             features |= metrics | {f"{m}:structured" for m in metrics}
