@@ -738,10 +738,10 @@ def targeted_cases(vocab: int, eos: tuple[int, ...], token_id: Callable[[str], i
     #    ignore_eos; allowed_token_ids the grammar never allows (no token at all); json_object and
     #    a grammar pushed to their shortest sentence; unconstrained: bad_words, a two-token bad
     #    word whose first token ends the prompt (only the output counts), logit_bias beside a
-    #    repetition penalty (bias first: (l + 40) / 2 < 30 picks the unseen token), and
-    #    allowed_token_ids on a seeded fork.
+    #    repetition penalty (bias first: (l + 40) / 2 < 30 picks the unseen token),
+    #    allowed_token_ids on a seeded fork, and a bad word a seeded sample is pushed towards.
     b, c, t, u = (token_id(x) for x in ("b", " c", "e", "a"))
-    base = [[10 + i, 20 + i, 30 + i] for i in range(10)]
+    base = [[10 + i, 20 + i, 30 + i] for i in range(11)]
     if b is not None:
         base[7] = base[7] + [b]
     if t is not None:
@@ -764,6 +764,8 @@ def targeted_cases(vocab: int, eos: tuple[int, ...], token_id: Callable[[str], i
         SamplingParams(temperature=0, max_tokens=2, repetition_penalty=2.0,
                        logit_bias={k: v for k, v in ((t, 40.0), (u, 30.0)) if k is not None}),
         SamplingParams(temperature=1.0, seed=4, n=2, max_tokens=8, allowed_token_ids=list(range(60, 100))),
+        SamplingParams(temperature=1.0, seed=5, max_tokens=4, bad_words=["e"],
+                       logit_bias={} if t is None else {t: 10.0}),
     ], [0] * len(base))
     return [(preempt, small_pool), (chunked, one_at_a_time), (rule0, dict(max_model_len=MAX_MODEL_LEN))]
 

@@ -370,6 +370,14 @@ CATALOGUE = [
 
 # Defects the suite does not catch yet, and why (numbers from the catalogue's own runs).
 BLIND: list[tuple[Bug, str]] = [
+    (Bug("bad-words-only-for-greedy", "fast.worker.sampler",
+         "banned = _banned_by_bad_words(r.bad_words_token_ids, r.output_ids)",
+         "banned = _banned_by_bad_words(r.bad_words_token_ids, r.output_ids) if p.greedy else []",
+         "structured/constraints_vs_oracle", "differs"),
+     "A seeded sample pushed towards a bad word takes it at once (a structured targeted case), but "
+     "conformance/compare.py recomputes the oracle's decision without the grammar mask and the bad "
+     "words (ref.sampler.TokenControls), so the banned token is the oracle's unmasked best and the "
+     "divergence passes as a near-tie. Caught once compare passes the oracle's controls."),
 ]
 
 # Defects a check catches on some of Hypothesis's draws only, at this profile: not run as tests
