@@ -535,9 +535,10 @@ def with_fields(params: SamplingParams, **fields: Any) -> SamplingParams:
 
 
 @st.composite
-def token_controls(draw, vocab: int, eos: tuple[int, ...], constrained: bool) -> dict:
+def token_controls(draw, vocab: int, eos: tuple[int, ...], constrained: bool, whitespace: tuple[int, ...] = ()) -> dict:
     """Now and then allowed_token_ids, bad_words, logit_bias (on a constrained request, most often
-    a push towards EOS, which its grammar allows only after a whole sentence)."""
+    a push towards EOS, which its grammar allows only after a whole sentence, and away from the
+    `whitespace` tokens, which JSON allows anywhere and a random model would repeat)."""
     kw: dict[str, Any] = {}
     token = st.integers(0, vocab - 1)
     if draw(st.integers(0, 7)) == 0:
@@ -548,6 +549,8 @@ def token_controls(draw, vocab: int, eos: tuple[int, ...], constrained: bool) ->
     choice = draw(st.integers(0, 5))
     if constrained and choice < 2:
         kw["logit_bias"] = {eos[0]: draw(st.sampled_from([5.0, 30.0]))} if eos else {}
+        if draw(st.booleans()):
+            kw["logit_bias"].update({t: -5.0 for t in whitespace})
     elif choice == 2:
         kw["logit_bias"] = draw(st.dictionaries(token, st.sampled_from([-100.0, -3.0, 2.5, 100.0]), min_size=1,
                                                 max_size=4))
@@ -555,13 +558,13 @@ def token_controls(draw, vocab: int, eos: tuple[int, ...], constrained: bool) ->
 
 
 @st.composite
-def constrained_params(draw, vocab: int, eos: tuple[int, ...], so: StructuredOutputsParams | None = None):
+def constrained_params(draw, vocab: int, eos: tuple[int, ...], whitespace: tuple[int, ...] = ()):
     """A request under a drawn constraint: greedy, seeded (n up to 3) or unseeded; a max_tokens
-    sized for its kind; now and then min_tokens, ignore_eos, penalties, logprobs, stops and the
-    token controls."""
-    so = so if so is not None else draw(constraints())
-    kw: dict[str, Any] = dict(structured_outputs=so,
-                              max_tokens=draw(st.integers(max(1, MAX_TOKENS[so.kind] // 4), MAX_TOKENS[so.kind])))
+    sized for its kind (a third of the time a quarter of it: a sentence cut short); now and then
+    min_tokens, ignore_eos, penalties, logprobs, stops and the token controls."""
+    so = draw(constraints())
+    most = MAX_TOKENS[so.kind]
+    kw: dict[str, Any] = dict(structured_outputs=so, max_tokens=draw(st.sampled_from([most, max(1, most // 4), most])))
     how = draw(st.sampled_from(["greedy", "seeded", "seeded", "unseeded"]))
     if how == "greedy":
         kw["temperature"] = 0.0
@@ -583,11 +586,12 @@ def constrained_params(draw, vocab: int, eos: tuple[int, ...], so: StructuredOut
         kw["stop"] = draw(st.lists(st.sampled_from(['"', "a", "1", " "]), min_size=1, max_size=2))
     if draw(st.integers(0, 9)) == 0:
         kw["stop_token_ids"] = draw(st.lists(st.integers(3, vocab - 1), min_size=1, max_size=2))
-    return SamplingParams(**kw, **draw(token_controls(vocab, eos, constrained=True)))
+    return SamplingParams(**kw, **draw(token_controls(vocab, eos, constrained=True, whitespace=whitespace)))
 
 
 @st.composite
-def structured_workloads(draw, vocab: int = 512, eos: tuple[int, ...] = (2,), max_requests: int = 6):
+def structured_workloads(draw, vocab: int = 512, eos: tuple[int, ...] = (2,), max_requests: int = 6,
+                         whitespace: tuple[int, ...] = ()):
     """Constrained requests (three in four) among unconstrained ones (the e2e tier's requests,
     now and then with token controls), prompts sharing prefixes (prefix-cache hits), long in one
     workload of three (`LONG_PROMPT_LEN`: preemption), priorities, and now and then an abort; at
@@ -609,7 +613,7 @@ def structured_workloads(draw, vocab: int = 512, eos: tuple[int, ...] = (2,), ma
         prefix = draw(st.sampled_from([[], *prefixes]))
         prompts.append({"prompt_token_ids": prefix + tokens(0 if prefix else 1, longest - len(prefix))})
         if i == constrained_at or draw(st.integers(0, 3)) > 0:
-            params.append(draw(constrained_params(vocab, eos)))
+            params.append(draw(constrained_params(vocab, eos, whitespace)))
         else:
             p = draw(sampling_params_strategy(max_tokens=16, vocab=vocab))
             params.append(with_fields(p, **draw(token_controls(vocab, eos, constrained=False))))
@@ -827,6 +831,8 @@ def build_structured(ctx):
     p = ctx.profile
     vocab, eos = _vocab(ctx.model_dir), tuple(ctx.rules.eos_token_ids)
     token_bytes = TokenBytes.from_model_dir(ctx.model_dir)
+    token_id = _token_lookup(ctx.model_dir)
+    whitespace = tuple(t for t in map(token_id, (" ", "  ", "\n", "\t")) if t is not None)
     make_engine = getattr(ctx.adapter, "make_engine", None)
     kv_is_empty = getattr(ctx.adapter, "kv_is_empty", None)
     use_engine = make_engine is not None and getattr(ctx.adapter, "name", "") in ("fast", "fast-tp2")
@@ -857,7 +863,7 @@ def build_structured(ctx):
         coverage.counts.update(tallies(workload, got, eos))
 
     body.coverage = coverage
-    for i, case in enumerate(targeted_cases(vocab, eos, _token_lookup(ctx.model_dir))):
+    for i, case in enumerate(targeted_cases(vocab, eos, token_id)):
         case = (case[0], case[1] if use_engine else {})
         try:
             body(ctx, case)
@@ -869,7 +875,7 @@ def build_structured(ctx):
             what = str(err) if isinstance(err, AssertionError) else f"{type(err).__name__}: {err}"
             raise AssertionError(f"targeted structured case {i} ({_describe(*case)}): {what}") from err
     body.targeted = len(targeted_cases(vocab, eos, lambda text: None))
-    wl = structured_workloads(vocab, eos, max_requests=min(5, p.max_requests))
+    wl = structured_workloads(vocab, eos, max_requests=min(5, p.max_requests), whitespace=whitespace)
     if use_engine:
         return st.tuples(wl, fast_engine_options(MAX_MODEL_LEN)), body
     return st.tuples(wl.map(lambda w: type(w)(w.prompts, w.params, w.priorities, {})), st.just({})), body
