@@ -43,8 +43,9 @@ _INTEGER = {"type": "object", "properties": {"type": {"const": "integer"},
                                              "minimum": {"type": "integer", "minimum": -20, "maximum": 0},
                                              "maximum": {"type": "integer", "minimum": 0, "maximum": 99}},
             "required": ["type"], "additionalProperties": False}
-# minLength at most 1: xgrammar counts an escaped surrogate pair (\ud83d\ude00) as two characters,
-# Python as one, so a longer minimum could fail a correct output on such a pair.
+# minLength <= 1 <= maxLength: never a minimum above the maximum (an uncompilable schema).
+# (xgrammar 0.2.9 reads a string with minLength/maxLength as characters other than '"' and '\\':
+# no escape sequence, but raw control characters, which strict JSON forbids; see `validate`.)
 _STRING = {"type": "object", "properties": {"type": {"const": "string"},
                                             "minLength": {"type": "integer", "minimum": 0, "maximum": 1},
                                             "maxLength": {"type": "integer", "minimum": 1, "maximum": 4}},
@@ -312,9 +313,10 @@ def validate(so: StructuredOutputsParams, text: str) -> str | None:
     """None if `text` is a sentence of the constraint, else why not — with no code of `ref/` or
     xgrammar: `jsonschema`, `re.fullmatch`, membership, or the grammar's own parser.
 
-    JSON is parsed with `strict=False`: xgrammar's JSON strings admit raw control characters
-    (U+0000-U+001F), which RFC 8259 wants escaped; that is all `strict=False` lets through. With
-    `disable_any_whitespace` the text must also be in the compact layout (`compact_layout`)."""
+    JSON is parsed with `strict=False`: xgrammar 0.2.9's strings with minLength/maxLength admit
+    raw control characters (U+0000-U+001F), which RFC 8259 wants escaped; that is all
+    `strict=False` lets through. With `disable_any_whitespace` the text must also be in the
+    compact layout (`compact_layout`)."""
     kind = so.kind
     if kind in ("json", "json_object"):
         try:
