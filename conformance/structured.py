@@ -525,10 +525,10 @@ def _check_rule0_sample(prompt: list[int], p: SamplingParams, c, rules, label: s
 MAX_TOKENS = {"choice": 10, "regex": 20, "grammar": 32, "json": 64, "json_object": 32}
 # Words for bad_words: single letters and merges of the tiny model's vocabulary, a two-token word.
 BAD_WORDS = ("a", "e", "the", "in", "1", "b c", '"', "he")
-# Prompt tokens at most: short, so that an output has room in max_model_len; in one workload of
-# three long, so that a few requests overflow the smallest pools (one max_model_len request) and
-# get preempted (a constrained output may then also meet max_model_len).
-PROMPT_LEN, LONG_PROMPT_LEN = 24, 72
+# Prompt lengths: short (1-24 tokens), so that an output has room in max_model_len; in one
+# workload of three long (40-72), so that two requests overflow the smallest pools (one
+# max_model_len request) and get preempted (a constrained output may then meet max_model_len).
+PROMPT_LEN, LONG_PROMPT_LEN = (1, 24), (40, 72)
 
 
 def with_fields(params: SamplingParams, **fields: Any) -> SamplingParams:
@@ -606,14 +606,14 @@ def structured_workloads(draw, vocab: int = 512, eos: tuple[int, ...] = (2,), ma
         n = draw(st.integers(lo, hi))
         return draw(st.lists(token, min_size=n, max_size=n))
 
-    longest = LONG_PROMPT_LEN if draw(st.integers(0, 2)) == 0 else PROMPT_LEN
+    shortest, longest = LONG_PROMPT_LEN if draw(st.integers(0, 2)) == 0 else PROMPT_LEN
     prefixes = [tokens(4, longest - 4) for _ in range(draw(st.integers(1, 2)))]
     num = draw(st.integers(1, max_requests))
     constrained_at = draw(st.integers(0, num - 1))
     prompts, params = [], []
     for i in range(num):
         prefix = draw(st.sampled_from([[], *prefixes]))
-        prompts.append({"prompt_token_ids": prefix + tokens(0 if prefix else 1, longest - len(prefix))})
+        prompts.append({"prompt_token_ids": prefix + tokens(max(0, shortest - len(prefix)), longest - len(prefix))})
         if i == constrained_at or draw(st.integers(0, 3)) > 0:
             params.append(draw(constrained_params(vocab, eos, whitespace)))
         else:
@@ -631,7 +631,7 @@ def structured_workloads(draw, vocab: int = 512, eos: tuple[int, ...] = (2,), ma
 STRUCTURED_MINIMUMS = {
     **{f"structured:{k}": 1 for k in KINDS},
     # a whole sentence validated: EOS (or rule 0) ended it, on the engine's side
-    **{f"validated:{k}": 1 for k in KINDS},
+    **{f"validated:{k}": 1 for k in KINDS if k != "json_object"},
     "n>1:structured": 1, "greedy:structured": 1, "seeded:structured": 1, "rule0": 1, "rule0:no_token": 1,
     "mixed": 1, "allowed_token_ids": 1, "bad_words": 1, "logit_bias": 1, "min_tokens:structured": 1,
     "ignore_eos:structured": 1,
@@ -639,6 +639,9 @@ STRUCTURED_MINIMUMS = {
 # Only an engine the suite drives step by step, with its options drawn, shows these: preemption,
 # a prefix-cache hit, a prompt computed in chunks — each in an example with a constrained request.
 STRUCTURED_ENGINE_MINIMUMS = {"preemption:structured": 1, "prefix_hit:structured": 1, "chunked:structured": 1}
+# Not scaled with the profile: a random model seldom closes an arbitrary JSON object (its keys
+# and strings are unbounded), so drawn examples rarely add to the targeted case's one.
+STRUCTURED_FIXED_MINIMUMS = {"validated:json_object": 1}
 
 
 def structured_minimums(profile: str, engine_metrics: bool) -> dict[str, int]:
@@ -646,7 +649,7 @@ def structured_minimums(profile: str, engine_metrics: bool) -> dict[str, int]:
 
     scale = PROFILE_SCALE.get(profile, 1)
     wanted = {**STRUCTURED_MINIMUMS, **(STRUCTURED_ENGINE_MINIMUMS if engine_metrics else {})}
-    return {k: v * scale for k, v in wanted.items()}
+    return {**{k: v * scale for k, v in wanted.items()}, **STRUCTURED_FIXED_MINIMUMS}
 
 
 def example_features(workload, got: dict, options: dict, eos: tuple[int, ...]) -> set[str]:
@@ -697,11 +700,64 @@ def tallies(workload, got: dict, eos: tuple[int, ...]) -> dict[str, int]:
     return counts
 
 
-def targeted_cases(vocab: int, eos: tuple[int, ...], token_id: Callable[[str], int | None]) -> list[tuple[Any, dict]]:
+def _preemption_case(vocab: int, e: int, copy: int) -> tuple[Any, dict]:
+    """Three 40-token prompts with 15+ constrained tokens each, in a pool of one max-length
+    request's blocks, so that a constrained sample is preempted and recomputed: a seeded n = 2
+    fork, a greedy one, one pushed to EOS. The constraint forces a sentence of 30 characters: a
+    regex (even copies) or a JSON enum (odd copies); each copy has its own prompts and seeds."""
+    from conformance.tiers import MAX_MODEL_LEN
+    from conformance.workloads import Workload
+
+    prompts = [{"prompt_token_ids": [3 + (7 * i + 11 * k + 13 * copy) % (vocab - 3) for k in range(40)]}
+               for i in range(3)]
+    if copy % 2 == 0:
+        so = StructuredOutputsParams(regex="(abc|bca|cab){10}")
+    else:
+        so = StructuredOutputsParams(json={"type": "object", "properties": {"w": {"enum": ["the ant", "in the hat"]},
+                                                                           "v": {"enum": ["a bee then", "he bit"]}},
+                                           "required": ["w", "v"], "additionalProperties": False},
+                                     disable_any_whitespace=True)
+    workload = Workload(prompts, [
+        SamplingParams(structured_outputs=so, n=2, temperature=1.0, seed=3 + copy, max_tokens=40),
+        SamplingParams(structured_outputs=so, temperature=0, max_tokens=40),
+        SamplingParams(structured_outputs=so, temperature=0.8, seed=9 + copy, max_tokens=40, logit_bias={e: 30.0}),
+    ], [0, 0, 0])
+    return workload, dict(max_model_len=MAX_MODEL_LEN, block_size=8, num_kv_blocks=MAX_MODEL_LEN // 8,
+                          max_num_seqs=4, max_num_batched_tokens=64)
+
+
+def _chunked_case(vocab: int, e: int, copy: int) -> tuple[Any, dict]:
+    """Chunks of 8 prompt tokens, one request at a time, over a shared 33-token prefix: the
+    second and third hit the first's cached blocks; JSON (in the compact layout, n = 3), a
+    choice and a grammar (n = 2). Each copy has its own prefix and seeds."""
+    from conformance.tiers import MAX_MODEL_LEN
+    from conformance.workloads import Workload
+
+    shared = [4 + (5 * k + 17 * copy) % (vocab - 4) for k in range(33)]
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0,
+                                                                              "maximum": 9}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    workload = Workload([{"prompt_token_ids": shared + [7, 8, 9]}, {"prompt_token_ids": shared + [9, 8]},
+                         {"prompt_token_ids": shared + [5]}], [
+        SamplingParams(structured_outputs=StructuredOutputsParams(json=schema, disable_any_whitespace=True),
+                       temperature=1.0, seed=1 + copy, n=3, max_tokens=40, logit_bias={e: 30.0}),
+        SamplingParams(structured_outputs=StructuredOutputsParams(choice=["the", "then", "a b"]), temperature=0,
+                       max_tokens=8),
+        SamplingParams(structured_outputs=StructuredOutputsParams(grammar=ARITHMETIC.ebnf), temperature=1.0,
+                       seed=2 + copy, n=2, max_tokens=24, logit_bias={e: 30.0}),
+    ], [0, 0, 0])
+    return workload, dict(max_model_len=MAX_MODEL_LEN, block_size=8, num_kv_blocks=48, max_num_seqs=1,
+                          max_num_batched_tokens=8)
+
+
+def targeted_cases(vocab: int, eos: tuple[int, ...], token_id: Callable[[str], int | None],
+                   copies: int = 1) -> list[tuple[Any, dict]]:
     """Cases every run exercises, each reaching by construction what drawn workloads reach on
-    some draws only (`token_id(text)`: the model's one token spelling `text`, for a bias that
-    pushes an output to its shortest sentence). Engine options are for an engine the suite
-    drives (ignored otherwise)."""
+    some draws only: `copies` (the profile's scale) of a preemption case and of a chunked
+    prefill case with prefix hits, then one case of rule 0 and the token controls
+    (`token_id(text)`: the model's one token spelling `text`, for a bias that pushes an output
+    to its shortest sentence). Engine options are for an engine the suite drives (ignored
+    otherwise)."""
     from conformance.tiers import MAX_MODEL_LEN
     from conformance.workloads import Workload
 
@@ -710,34 +766,6 @@ def targeted_cases(vocab: int, eos: tuple[int, ...], token_id: Callable[[str], i
     def push(*texts: str) -> dict[int, float]:
         return {e: 30.0, **{t: 30.0 for t in map(token_id, texts) if t is not None}}
 
-    prompts = [{"prompt_token_ids": [3 + (7 * i + 11 * k) % (vocab - 3) for k in range(40)]} for i in range(3)]
-    long_regex = StructuredOutputsParams(regex="(abc|bca|cab){10}")  # 30 characters: 15+ tokens each
-    # 1. Preemption: three 40-token prompts with 15+ constrained tokens each, in a pool of one
-    #    max-length request's blocks; a seeded n = 2 fork, a greedy one, one pushed to EOS.
-    preempt = Workload(prompts, [
-        SamplingParams(structured_outputs=long_regex, n=2, temperature=1.0, seed=3, max_tokens=40),
-        SamplingParams(structured_outputs=long_regex, temperature=0, max_tokens=40),
-        SamplingParams(structured_outputs=long_regex, temperature=0.8, seed=9, max_tokens=40, logit_bias={e: 30.0}),
-    ], [0, 0, 0])
-    small_pool = dict(max_model_len=MAX_MODEL_LEN, block_size=8, num_kv_blocks=MAX_MODEL_LEN // 8, max_num_seqs=4,
-                      max_num_batched_tokens=64)
-    # 2. Chunks of 8 prompt tokens, one request at a time, over a shared 33-token prefix: the
-    #    second and third hit the first's cached blocks; JSON, a choice and a grammar.
-    shared = [4 + (5 * k) % (vocab - 4) for k in range(33)]
-    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0,
-                                                                              "maximum": 9}},
-              "required": ["ok", "n"], "additionalProperties": False}
-    chunked = Workload([{"prompt_token_ids": shared + [7, 8, 9]}, {"prompt_token_ids": shared + [9, 8]},
-                        {"prompt_token_ids": shared + [5]}], [
-        SamplingParams(structured_outputs=StructuredOutputsParams(json=schema, disable_any_whitespace=True),
-                       temperature=1.0, seed=1, n=3, max_tokens=40, logit_bias={e: 30.0}),
-        SamplingParams(structured_outputs=StructuredOutputsParams(choice=["the", "then", "a b"]), temperature=0,
-                       max_tokens=8),
-        SamplingParams(structured_outputs=StructuredOutputsParams(grammar=ARITHMETIC.ebnf), temperature=1.0, seed=2,
-                       n=2, max_tokens=24, logit_bias={e: 30.0}),
-    ], [0, 0, 0])
-    one_at_a_time = dict(max_model_len=MAX_MODEL_LEN, block_size=8, num_kv_blocks=48, max_num_seqs=1,
-                         max_num_batched_tokens=8)
     # 3. Rule 0 and the token controls, all prefilled in one step: a seeded n = 2 fork beside
     #    other constrained samples (the scheduler and the workers may list a step's sampling rows
     #    in different orders); min_tokens holding EOS back after a whole choice; EOS taken under
@@ -773,7 +801,8 @@ def targeted_cases(vocab: int, eos: tuple[int, ...], token_id: Callable[[str], i
         SamplingParams(temperature=1.0, seed=5, max_tokens=4, bad_words=["e"],
                        logit_bias={} if t is None else {t: 10.0}),
     ], [0] * len(base))
-    return [(preempt, small_pool), (chunked, one_at_a_time), (rule0, dict(max_model_len=MAX_MODEL_LEN))]
+    return [case for copy in range(copies) for case in (_preemption_case(vocab, e, copy), _chunked_case(vocab, e, copy))
+            ] + [(rule0, dict(max_model_len=MAX_MODEL_LEN))]
 
 
 def _token_lookup(model_dir: str) -> Callable[[str], int | None]:
@@ -865,7 +894,10 @@ def build_structured(ctx):
         coverage.counts.update(tallies(workload, got, eos))
 
     body.coverage = coverage
-    for i, case in enumerate(targeted_cases(vocab, eos, token_id)):
+    from conformance.coverage import PROFILE_SCALE
+
+    targeted = targeted_cases(vocab, eos, token_id, copies=PROFILE_SCALE.get(p.name, 1))
+    for i, case in enumerate(targeted):
         case = (case[0], case[1] if use_engine else {})
         try:
             body(ctx, case)
@@ -876,7 +908,7 @@ def build_structured(ctx):
                 raise
             what = str(err) if isinstance(err, AssertionError) else f"{type(err).__name__}: {err}"
             raise AssertionError(f"targeted structured case {i} ({_describe(*case)}): {what}") from err
-    body.targeted = len(targeted_cases(vocab, eos, lambda text: None))
+    body.targeted = len(targeted)
     wl = structured_workloads(vocab, eos, max_requests=min(5, p.max_requests), whitespace=whitespace)
     if use_engine:
         return st.tuples(wl, fast_engine_options(MAX_MODEL_LEN)), body
