@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -84,28 +84,63 @@ class OracleDecision:
     noise: torch.Tensor | None  # the step's exponential noise draw (None: greedy)
 
 
+ControlsAt = Callable[[list[int]], Any]  # output prefix -> ref.sampler.TokenControls at that step
+
+
 def oracle_decision(model, prompt_ids: list[int], output_ids: list[int], step: int,
-                    params, eos_token_ids: tuple[int, ...], seed: int | None) -> OracleDecision:
+                    params, eos_token_ids: tuple[int, ...], seed: int | None,
+                    controls_at: ControlsAt | None = None) -> OracleDecision:
     """The oracle's decision for output token `step`, recomputed teacher-forced on prompt +
     output_ids[:step]: for greedy the processed logits; for seeded sampling log(probs / noise)
     scaled back by the temperature, with the request's generator advanced past the `step` earlier
     draws (one draw per token). The token taken is the argmax; a token truncated away scores -inf.
+    `controls_at(output_ids[:step])`: the grammar's allowed tokens and the bad words at that
+    step (SPEC §6 step 1), for constrained requests — without them a masked token would look
+    like the oracle's best and a divergence onto it like a near-tie.
     """
-    from ref.sampler import decision_scores, exponential_noise, process_logits
+    from ref.sampler import NO_CONTROLS, decision_scores, exponential_noise, process_logits
 
-    logits = model.teacher_forced_logits(prompt_ids + output_ids[:step])[-1]
-    processed = process_logits(logits, params, prompt_ids, output_ids[:step], eos_token_ids).float()
+    prefix = output_ids[:step]
+    controls = controls_at(prefix) if controls_at is not None else NO_CONTROLS
+    logits = model.teacher_forced_logits(prompt_ids + prefix)[-1]
+    processed = process_logits(logits, params, prompt_ids, prefix, eos_token_ids, controls).float()
     if params.greedy:
-        return OracleDecision(decision_scores(logits, params, prompt_ids, output_ids[:step], eos_token_ids,
-                                              None).float(), processed, None)
+        return OracleDecision(decision_scores(logits, params, prompt_ids, prefix, eos_token_ids,
+                                              None, controls).float(), processed, None)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(step):
         exponential_noise(gen, logits.shape[-1])
     state = gen.get_state()
-    scores = decision_scores(logits, params, prompt_ids, output_ids[:step], eos_token_ids, gen)
+    scores = decision_scores(logits, params, prompt_ids, prefix, eos_token_ids, gen, controls)
     gen.set_state(state)
     noise = exponential_noise(gen, logits.shape[-1])
     return OracleDecision((torch.log(scores) * params.temperature).float(), processed, noise)
+
+
+def oracle_controls(engine) -> Callable[[list[int], Any], ControlsAt | None]:
+    """`controls_for(prompt_ids, params)` over a `ref.LLMEngine`: None for a request without
+    bad_words or structured_outputs, else `controls_at(output prefix)` — its bad words' token
+    sequences and a fresh grammar of its constraint fed the prefix (the oracle's own code)."""
+    from ref.sampler import TokenControls
+    from ref.structured import TokenGrammar
+
+    def controls_for(prompt_ids: list[int], params) -> ControlsAt | None:
+        if not params.bad_words and params.structured_outputs is None:
+            return None
+        prepared = engine.process({"prompt_token_ids": list(prompt_ids)}, params)
+
+        def controls_at(prefix: list[int]):
+            allowed = None
+            if prepared.grammar is not None:
+                grammar = TokenGrammar(prepared.grammar, engine.model_config.vocab_size)
+                for token in prefix:
+                    grammar.accept(token)
+                allowed = grammar.allowed_tokens()
+            return TokenControls(allowed, prepared.bad_words_ids)
+
+        return controls_at
+
+    return controls_for
 
 
 def oracle_decision_scores(model, prompt_ids: list[int], output_ids: list[int], step: int,
@@ -357,7 +392,8 @@ def oracle_logprob_row(model, context_ids: list[int]) -> torch.Tensor:
 
 
 def check_completion(name: str, model, prompt_ids: list[int], params, eos_token_ids,
-                     oracle, candidate, dtype: torch.dtype = torch.float32) -> int | None:
+                     oracle, candidate, dtype: torch.dtype = torch.float32,
+                     controls_at: ControlsAt | None = None) -> int | None:
     """Compare one CompletionOutput with the oracle's under the SPEC rule.
 
     `params` are this sample's params (`SamplingParams.for_sample(index)`). Unseeded random
@@ -367,7 +403,7 @@ def check_completion(name: str, model, prompt_ids: list[int], params, eos_token_
     if not params.greedy and params.seed is None:
         return None
     decision_at = lru_cache(maxsize=None)(lambda j: oracle_decision(model, prompt_ids, oracle.token_ids, j, params,
-                                                                     tuple(eos_token_ids), params.seed))
+                                                                     tuple(eos_token_ids), params.seed, controls_at))
     near_cut_at = None
     if truncates(params):
         near_cut_at = lambda j: near_cut(decision_at(j).processed, decision_at(j).noise, params, dtype)  # noqa: E731
@@ -416,9 +452,12 @@ def check_outputs_complete(requests: list[tuple[list[int] | None, object]], outp
 
 
 def check_request_outputs(model, eos_token_ids, requests: list[tuple[list[int], object]],
-                          oracle_outputs, candidate_outputs, dtype: torch.dtype = torch.float32) -> None:
+                          oracle_outputs, candidate_outputs, dtype: torch.dtype = torch.float32,
+                          controls_for: Callable[[list[int], Any], ControlsAt | None] | None = None) -> None:
     """Every request's every sample, plus prompt logprobs; `requests` holds (prompt_ids, params).
-    Both lists must hold exactly one output per request, in order."""
+    Both lists must hold exactly one output per request, in order. Requests with bad_words or a
+    constraint need `controls_for` (`oracle_controls(ref_engine)`), else a divergence onto a
+    masked token could pass as a near-tie."""
     check_outputs_complete(requests, candidate_outputs)
     if len(oracle_outputs) != len(candidate_outputs):
         raise AssertionError(f"{len(candidate_outputs)} outputs, oracle has {len(oracle_outputs)}")
@@ -433,6 +472,10 @@ def check_request_outputs(model, eos_token_ids, requests: list[tuple[list[int], 
         _check_logprob_lists(f"{name} prompt", o.prompt_logprobs, c.prompt_logprobs,
                              len(prompt_ids) if o.prompt_logprobs is not None else 0, params.prompt_logprobs, dtype,
                              lambda i: oracle_logprob_row(model, prompt_ids[:i]))
+        if controls_for is None and (params.bad_words or params.structured_outputs is not None):
+            raise AssertionError(f"{name}: a request with bad_words or structured_outputs is compared "
+                                 f"without the oracle's token controls (pass controls_for)")
         for i, (oc, cc) in enumerate(zip(o.outputs, c.outputs)):
+            controls_at = controls_for(prompt_ids, params) if controls_for is not None else None
             check_completion(f"{name} sample {i}", model, prompt_ids, params.for_sample(i),
-                             eos_token_ids, oc, cc, dtype)
+                             eos_token_ids, oc, cc, dtype, controls_at)

@@ -84,13 +84,9 @@ def sampler_params(draw, vocab: int = VOCAB) -> SamplingParams:
         ignore_eos=draw(st.booleans()),
         stop_token_ids=draw(st.sampled_from([[], [], [5], [5, 7]])),
     )
-    token = st.integers(0, vocab - 1)
-    if draw(st.integers(0, 4)) == 0:  # sometimes only stop tokens: min_tokens may then leave nothing
-        kw["allowed_token_ids"] = draw(st.one_of(st.lists(token, min_size=1, max_size=6),
-                                                 st.just([*EOS, 5])))
-    if draw(st.integers(0, 4)) == 0:
-        kw["logit_bias"] = draw(st.dictionaries(token, st.sampled_from([-100.0, -5.0, 0.5, 5.0, 100.0]),
-                                                min_size=1, max_size=3))
+    if draw(st.booleans()):  # half the rows without penalties: exact ties stay exact only there
+        kw.update(repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0)
+
     temperature = draw(st.sampled_from([0.0, SAMPLING_EPS / 2, SAMPLING_EPS, 1e-3, 0.7, 1.0, 1.8]))
     if temperature < SAMPLING_EPS:
         return SamplingParams(temperature=temperature, **kw)
@@ -115,17 +111,33 @@ def sampler_batches(draw, vocab: int = VOCAB, eos: tuple[int, ...] = EOS):
         prompt = draw(st.lists(st.one_of(token, st.sampled_from(repeat)), min_size=1, max_size=12))
         output = draw(st.lists(st.one_of(token, st.sampled_from(repeat)), max_size=8))
         seed = None if params.greedy else draw(st.sampled_from([0, 1, 2**31, draw(st.integers(0, 2**40))]))
-        rows.append(SamplerRow(params, prompt, output, seed, draw(grammar_masks(vocab, eos)),
-                               draw(bad_words(output, vocab))))
         logits.append(draw(logits_rows(vocab, eos)))
+        # The token controls are drawn last and for a minority of rows, so that the draws above
+        # (and the edges they were built to reach) stay what they were.
+        rows.append(SamplerRow(draw(token_controls(params, vocab)), prompt, output, seed,
+                               draw(grammar_masks(vocab, eos)), draw(bad_words(output, vocab))))
     return torch.stack(logits), rows
+
+
+@st.composite
+def token_controls(draw, params: SamplingParams, vocab: int = VOCAB) -> SamplingParams:
+    """`params` with allowed_token_ids and/or logit_bias now and then (sometimes only the stop
+    tokens are allowed: min_tokens may then leave nothing)."""
+    token = st.integers(0, vocab - 1)
+    extra = {}
+    if draw(st.integers(0, 7)) == 0:
+        extra["allowed_token_ids"] = draw(st.one_of(st.lists(token, min_size=1, max_size=6), st.just([*EOS, 5])))
+    if draw(st.integers(0, 7)) == 0:
+        extra["logit_bias"] = draw(st.dictionaries(token, st.sampled_from([-100.0, -5.0, 0.5, 5.0, 100.0]),
+                                                   min_size=1, max_size=3))
+    return SamplingParams(**{**params.__dict__, **extra}) if extra else params
 
 
 @st.composite
 def grammar_masks(draw, vocab: int = VOCAB, eos: tuple[int, ...] = EOS) -> list[int] | None:
     """A grammar's allowed next tokens: None (unconstrained) most often; a few tokens; only EOS (a
     complete sentence); nothing (the grammar has ended)."""
-    kind = draw(st.sampled_from(["none", "none", "none", "some", "eos", "ended"]))
+    kind = draw(st.sampled_from(["none"] * 9 + ["some", "eos", "ended"]))
     if kind == "none":
         return None
     if kind == "eos":
@@ -139,7 +151,7 @@ def grammar_masks(draw, vocab: int = VOCAB, eos: tuple[int, ...] = EOS) -> list[
 def bad_words(draw, output: list[int], vocab: int = VOCAB) -> tuple[tuple[int, ...], ...]:
     """Bad words as token sequences; some start with the output's last tokens, so that their last
     token is banned now, some do not (nothing banned), some are one token (always banned)."""
-    if draw(st.integers(0, 3)):
+    if draw(st.integers(0, 5)):
         return ()
     token = st.integers(0, vocab - 1)
     words = []

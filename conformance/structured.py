@@ -827,7 +827,7 @@ def compare_with_oracle(ctx, workload, got: dict) -> dict:
     """Both sides obey SPEC's output rules (`check_contract`), then the engine's outputs equal
     the oracle's under SPEC §7 (compare.check_request_outputs, as the e2e tier calls it).
     Returns the oracle's outputs by request index."""
-    from conformance.compare import check_request_outputs
+    from conformance.compare import check_request_outputs, oracle_controls
 
     oracle = ctx.oracle
     keep = sorted(got)
@@ -839,7 +839,7 @@ def compare_with_oracle(ctx, workload, got: dict) -> dict:
     e = oracle.llm.llm_engine
     check_request_outputs(e.model, e.model_config.eos_token_ids,
                           [(workload.prompts[i]["prompt_token_ids"], workload.params[i]) for i in keep],
-                          expected, [got[i] for i in keep], dtype=e.model.dtype)
+                          expected, [got[i] for i in keep], dtype=e.model.dtype, controls_for=oracle_controls(e))
     return dict(zip(keep, expected))
 
 

@@ -695,7 +695,7 @@ CHECKS = [
     Check("kernel", "paged_vs_dense", build_kernels),
     Check("allocator", "state_machine", build_allocator, stateful=True),
     Check("scheduler", "state_machine", build_scheduler, stateful=True),
-    Check("sampler", "edges_vs_oracle", build_sampler, example_scale=10),
+    Check("sampler", "edges_vs_oracle", build_sampler, example_scale=25),
     Check("e2e", "workloads_vs_oracle", build_e2e),
     Check("e2e", "stops_at_the_limit", build_stops_at_the_limit),
     Check("determinism", "same_seed_same_output", build_same_seed),

@@ -116,8 +116,9 @@ def test_seed_ignored_in_batch_is_caught(tiny_model_dir, monkeypatch):
     import fast.worker.model_runner
     from fast.worker.sampler import SamplingRow
 
-    def unseeded_row(params, prompt_ids, output_ids, generator):
-        return SamplingRow(params, prompt_ids, output_ids, None if generator is None else torch.default_generator)
+    def unseeded_row(params, prompt_ids, output_ids, generator, *rest):
+        return SamplingRow(params, prompt_ids, output_ids, None if generator is None else torch.default_generator,
+                           *rest)
 
     monkeypatch.setattr(fast.worker.model_runner, "SamplingRow", unseeded_row)
     result = run("determinism", "batch_invariance", tiny_model_dir)
