@@ -183,7 +183,9 @@ class HFAdapter:
             return prompt, self.codec.encode(prompt)
         return prompt.get("prompt"), list(prompt["prompt_token_ids"])
 
-    UNSUPPORTED = (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("include_stop_str_in_output", False))
+    UNSUPPORTED = (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("include_stop_str_in_output", False),
+                   ("allowed_token_ids", None), ("bad_words", None), ("logit_bias", None),
+                   ("truncate_prompt_tokens", None), ("structured_outputs", None))
 
     def unsupported(self, p: SamplingParams) -> str | None:
         """Why this engine cannot run `p` (the suite then leaves such requests out), or None."""

@@ -18,8 +18,11 @@ from conformance.coverage import (PROFILE_SCALE, Coverage, e2e_minimums, metric_
 from conformance.driver import run_workload
 from conformance.structured import build_structured
 from conformance.workloads import Workload, fast_engine_options, workloads
-from ref.inputs import DEFAULT_MAX_N, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
-from ref.sampling_params import SamplingParams
+from ref.inputs import (
+    DEFAULT_MAX_N, MAX_BAD_WORD_CHARS, MAX_BAD_WORDS, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS,
+    MAX_STRUCTURED_CHARS,
+)
+from ref.sampling_params import SamplingParams, StructuredOutputsParams
 
 TIERS = ("model", "kernel", "allocator", "scheduler", "sampler", "e2e", "determinism", "robustness", "structured")
 MAX_MODEL_LEN = 128
@@ -612,6 +615,13 @@ def bad_requests(vocab: int, max_model_len: int, max_logprobs: int = 20) -> list
         ("stop", ok, SamplingParams(stop=["s"] * (MAX_STOP_STRINGS + 1))),
         ("stop", ok, SamplingParams(stop=["x" * (MAX_STOP_STRING_CHARS + 1)])),
         ("stop_token_ids", ok, SamplingParams(stop_token_ids=[3] * (MAX_STOP_TOKEN_IDS + 1))),
+        ("allowed_token_ids", ok, SamplingParams(allowed_token_ids=[3, vocab])),
+        ("logit_bias", ok, SamplingParams(logit_bias={vocab + 1: 1.0})),
+        ("bad_words", ok, SamplingParams(bad_words=["w"] * (MAX_BAD_WORDS + 1))),
+        ("bad_words", ok, SamplingParams(bad_words=["w" * (MAX_BAD_WORD_CHARS + 1)])),
+        ("structured_outputs", ok, SamplingParams(structured_outputs=StructuredOutputsParams(regex="(("))),
+        ("structured_outputs", ok, SamplingParams(structured_outputs=StructuredOutputsParams(
+            regex="a" * (MAX_STRUCTURED_CHARS + 1)))),
     ]
 
 
@@ -630,6 +640,8 @@ def build_bad_inputs(ctx: Context):
                 adapter.generate([good, prompt], [greedy, params])
             except ValueError as err:
                 assert field_name in str(err), f"error for bad {field_name} does not name it: {err}"
+            except NotImplementedError as err:  # an engine that says it cannot express the field
+                assert field_name in str(err), f"bad {field_name}: NotImplementedError not naming it: {err}"
             except Exception as err:  # noqa: BLE001 - any other exception type is the finding
                 raise AssertionError(f"bad {field_name}: raised {type(err).__name__}, not ValueError: {err}") from err
             else:
