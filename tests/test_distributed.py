@@ -37,13 +37,14 @@ import httpx
 import pytest
 import torch
 
-from conformance.compare import check_request_outputs
+from conformance.compare import check_request_outputs, oracle_controls
 from ref.sampling_params import StructuredOutputsParams
 from fast import LLM, LLMEngine, SamplingParams
 from fast.engine.async_llm_engine import AsyncLLMEngine, EngineDeadError
 from fast.entrypoints.openai_server import build_app, serve_in_thread
 from fast.executor import WorkerDiedError
 from ref.config import ModelConfig
+from ref.engine import EngineConfig as RefConfig, LLMEngine as RefEngine
 from ref.model import load_model
 from ref.models import tiny_checkpoint
 
@@ -237,13 +238,23 @@ class Family:
         config = ModelConfig.from_pretrained(model_dir)
         self.vocab, self.eos = config.vocab_size, config.eos_token_ids
         self.ref_model = LazyRefModel(model_dir)
+        self._ref_engine = None
+
+    def _oracle_controls(self, prompt_ids, params):
+        """The oracle's grammar mask and bad words for a constrained request (a ref engine, loaded
+        on first need like the model)."""
+        if not params.bad_words and params.structured_outputs is None:
+            return None
+        if self._ref_engine is None:
+            self._ref_engine = RefEngine(RefConfig.from_options(self.model_dir, {}))
+        return oracle_controls(self._ref_engine)(prompt_ids, params)
 
     def check(self, requests: list[tuple[dict, SamplingParams]]) -> None:
         prompts, params = [p for p, _ in requests], [sp for _, sp in requests]
         expected = self.tp1.generate(prompts, params, use_tqdm=False)
         got = self.tp2.generate(prompts, params, use_tqdm=False)
         check_request_outputs(self.ref_model, self.eos, [(p["prompt_token_ids"], sp) for p, sp in requests],
-                              expected, got)
+                              expected, got, controls_for=self._oracle_controls)
         engine = self.tp2.llm_engine
         engine.kv.check_invariants()
         assert engine.kv.num_free_blocks == engine.num_blocks, "KV blocks leaked after the workload"

@@ -42,7 +42,7 @@ def test_edge_bug_is_caught(name, old, new, monkeypatch):
     plant(monkeypatch, "fast.worker.sampler", old, new)
 
     @given(batch=sampler_batches())
-    @settings(max_examples=150, database=None, derandomize=True, phases=[Phase.generate])
+    @settings(max_examples=500, database=None, derandomize=True, phases=[Phase.generate])
     def prop(batch):
         logits, rows = batch
         check_sampler(fast_sample, logits, rows, EOS)
