@@ -58,3 +58,26 @@ def _request_index(request_id: str, num_requests: int, step: int) -> int:
     if not (isinstance(request_id, str) and request_id.isdigit() and int(request_id) < num_requests):
         raise AssertionError(f"step {step}: output for request id {request_id!r}, which was never added")
     return int(request_id)
+
+
+def describe(workload: Workload, options: dict) -> str:
+    """A workload and its engine options, for a failure message."""
+    reqs = "; ".join(f"prompt {p['prompt_token_ids'][:6]}... ({len(p['prompt_token_ids'])} tokens) {q}"
+                     for p, q in zip(workload.prompts, workload.params))
+    return f"engine options {options}, aborts {workload.aborts}, requests: {reqs}"
+
+
+def run_targeted(ctx, body: Callable, cases: list[tuple[Workload, dict]], label: str) -> None:
+    """Run a tier's targeted cases through its example `body`, each failure naming its case; an
+    engine that died or hung (EngineFailure) stays itself."""
+    from conformance.isolation import EngineFailure
+
+    for i, case in enumerate(cases):
+        try:
+            body(ctx, case)
+        except EngineFailure:
+            raise
+        except Exception as err:  # noqa: BLE001 - named with its case
+            what = str(err) if isinstance(err, AssertionError) else f"{type(err).__name__}: {err}"
+            raise AssertionError(f"targeted {label} case {i} ({describe(*case)}): {what}") from err
+

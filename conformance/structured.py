@@ -850,7 +850,8 @@ def build_structured(ctx):
     from conformance.compare import check_outputs_complete
     from conformance.coverage import Coverage, metric_features, option_features
     from conformance.driver import run_workload
-    from conformance.tiers import MAX_MODEL_LEN, NotApplicable, _describe, _requests, _vocab
+    from conformance.driver import run_targeted
+    from conformance.tiers import MAX_MODEL_LEN, NotApplicable, _requests, _vocab
     from conformance.workloads import fast_engine_options
 
     probe = SamplingParams(structured_outputs=StructuredOutputsParams(choice=["a"]))
@@ -897,17 +898,7 @@ def build_structured(ctx):
     from conformance.coverage import PROFILE_SCALE
 
     targeted = targeted_cases(vocab, eos, token_id, copies=PROFILE_SCALE.get(p.name, 1))
-    for i, case in enumerate(targeted):
-        case = (case[0], case[1] if use_engine else {})
-        try:
-            body(ctx, case)
-        except Exception as err:  # noqa: BLE001 - named with its case; a dead or hung engine stays itself
-            from conformance.isolation import EngineFailure
-
-            if isinstance(err, EngineFailure):
-                raise
-            what = str(err) if isinstance(err, AssertionError) else f"{type(err).__name__}: {err}"
-            raise AssertionError(f"targeted structured case {i} ({_describe(*case)}): {what}") from err
+    run_targeted(ctx, body, [(w, options if use_engine else {}) for w, options in targeted], "structured")
     body.targeted = len(targeted)
     wl = structured_workloads(vocab, eos, max_requests=min(5, p.max_requests), whitespace=whitespace)
     if use_engine:

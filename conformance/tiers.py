@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from conformance.compare import LOGIT_ATOL, assert_close, check_outputs_complete, check_request_outputs
 from conformance.coverage import (PROFILE_SCALE, Coverage, e2e_minimums, metric_features, option_features,
                                  output_features)
-from conformance.driver import run_workload
+from conformance.driver import run_targeted, run_workload
 from conformance.structured import build_structured
 from conformance.workloads import Workload, fast_engine_options, workloads
 from ref.inputs import (
@@ -423,16 +423,7 @@ def build_e2e(ctx: Context):
     targeted = [(w, TARGETED_OPTIONS if use_engine else {}) for w in _stop_workloads(ctx, PROFILE_SCALE.get(p.name, 1))]
     if use_engine:
         targeted = _targeted_e2e_cases() + _half_precision_cases(_vocab(ctx.model_dir)) + targeted
-    for i, case in enumerate(targeted):
-        try:
-            body(ctx, case)
-        except Exception as err:  # noqa: BLE001 - named with its case; a dead or hung engine stays itself
-            from conformance.isolation import EngineFailure
-
-            if isinstance(err, EngineFailure):
-                raise
-            what = str(err) if isinstance(err, AssertionError) else f"{type(err).__name__}: {err}"
-            raise AssertionError(f"targeted e2e case {i} ({_describe(*case)}): {what}") from err
+    run_targeted(ctx, body, targeted, "e2e")
     body.targeted = len(targeted)
 
     wl = workloads(max_requests=p.max_requests, max_prompt_len=80, max_tokens=16, max_model_len=MAX_MODEL_LEN)
@@ -448,12 +439,6 @@ def build_e2e(ctx: Context):
             lambda options: st.tuples(small if interpreted and options["attention_backend"] == "triton" else wl,
                                       st.just(options))), body
     return st.tuples(wl.map(lambda w: Workload(w.prompts, w.params, w.priorities, {})), st.just({})), body
-
-
-def _describe(workload: Workload, options: dict) -> str:
-    reqs = "; ".join(f"prompt {p['prompt_token_ids'][:6]}... ({len(p['prompt_token_ids'])} tokens) {q}"
-                     for p, q in zip(workload.prompts, workload.params))
-    return f"engine options {options}, aborts {workload.aborts}, requests: {reqs}"
 
 
 def _limit_variants(tokens: list[int], text: str, has_text: bool) -> list[SamplingParams]:
