@@ -50,15 +50,18 @@ def near_tie_margin(dtype: torch.dtype) -> float:
 
 
 def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float = 0.0) -> None:
-    """torch.testing-style check that names the tensor, the worst index and both values."""
+    """torch.testing-style check that names the tensor, the worst index and both values.
+
+    Equal values pass (so -inf against -inf, a masked logprob, does); NaN never does — not even
+    against NaN — since `diff > bound` alone is False for a NaN difference and would let it by."""
     actual, expected = actual.float(), expected.float()
     if actual.shape != expected.shape:
         raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
     diff = (actual - expected).abs()
     bound = atol + rtol * expected.abs()
-    bad = diff > bound
+    bad = ~((actual == expected) | (diff <= bound))
     if bool(bad.any()):
-        worst = int((diff - bound).argmax())
+        worst = int(torch.where(bad, (diff - bound).nan_to_num(nan=float("inf")), float("-inf")).argmax())
         idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), diff.shape))
         raise AssertionError(
             f"{name}: {int(bad.sum())}/{diff.numel()} elements differ; worst at {idx}: "

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conformance.compare import (LOGIT_ATOL, check_logprob_entry, check_outputs_complete, check_tokens_equal,
+from conformance.compare import (LOGIT_ATOL, assert_close, check_logprob_entry, check_outputs_complete, check_tokens_equal,
                                  near_cut, near_tie_margin)
 from ref.outputs import CompletionOutput, Logprob, RequestOutput
 from ref.sampling_params import SamplingParams
@@ -287,3 +287,20 @@ def compare_completion(model, params, oracle, candidate, dtype):
     from conformance.compare import check_completion
 
     return check_completion("req", model, [5], params, (), oracle, candidate, dtype)
+
+
+@pytest.mark.parametrize("actual,expected,ok", [
+    ([float("-inf"), 1.0], [float("-inf"), 1.0 + 1e-7], True),  # a masked logprob on both sides
+    ([float("nan")], [float("nan")], False),  # NaN is never close, not even to NaN
+    ([float("nan")], [1.0], False),
+    ([1.0], [float("nan")], False),
+    ([float("-inf")], [0.0], False),
+    ([float("inf")], [float("-inf")], False),
+])
+def test_assert_close_on_non_finite_values(actual, expected, ok):
+    check = lambda: assert_close("x", torch.tensor(actual), torch.tensor(expected), 1e-3)  # noqa: E731
+    if ok:
+        check()
+    else:
+        with pytest.raises(AssertionError, match="x: 1/"):
+            check()
