@@ -824,23 +824,12 @@ def _token_lookup(model_dir: str) -> Callable[[str], int | None]:
 
 
 def compare_with_oracle(ctx, workload, got: dict) -> dict:
-    """Both sides obey SPEC's output rules (`check_contract`), then the engine's outputs equal
-    the oracle's under SPEC §7 (compare.check_request_outputs, as the e2e tier calls it).
-    Returns the oracle's outputs by request index."""
-    from conformance.compare import check_request_outputs, oracle_controls
+    """Both sides obey SPEC's output rules (`check_contract`: rule 0 included), then the engine's
+    outputs equal the oracle's under SPEC §7, as the e2e tier compares them. Returns the oracle's
+    outputs by request index."""
+    from conformance.tiers import _compare
 
-    oracle = ctx.oracle
-    keep = sorted(got)
-    expected = oracle.generate([workload.prompts[i] for i in keep], [workload.params[i] for i in keep])
-    for side, outs in (("oracle", expected), ("engine", [got[i] for i in keep])):
-        for i, out in zip(keep, outs):
-            check_contract(workload.prompts[i]["prompt_token_ids"], workload.params[i], out, ctx.rules,
-                           f"{side} request {i}")
-    e = oracle.llm.llm_engine
-    check_request_outputs(e.model, e.model_config.eos_token_ids,
-                          [(workload.prompts[i]["prompt_token_ids"], workload.params[i]) for i in keep],
-                          expected, [got[i] for i in keep], dtype=e.model.dtype, controls_for=oracle_controls(e))
-    return dict(zip(keep, expected))
+    return _compare(ctx, workload, got, contract=check_contract)
 
 
 def build_structured(ctx):

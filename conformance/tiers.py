@@ -230,23 +230,26 @@ def _requests(workload: Workload) -> list[tuple[list[int], SamplingParams]]:
     return [(p["prompt_token_ids"], params) for p, params in zip(workload.prompts, workload.params)]
 
 
-def _compare(ctx: Context, workload: Workload, got: dict, dtype: str = "auto") -> None:
-    """Both sides obey SPEC's output rules on their own (conformance/contract.py: this catches
-    a bug in the code fast shares with ref), then the engine equals the oracle run in the
-    engine's `dtype`, under that dtype's tolerances."""
+def _compare(ctx: Context, workload: Workload, got: dict, dtype: str = "auto", contract=None) -> dict:
+    """Both sides obey SPEC's output rules on their own (`contract`, by default
+    conformance/contract.py: this catches a bug in the code fast shares with ref), then the engine
+    equals the oracle run in the engine's `dtype`, under that dtype's tolerances, a divergence
+    judged under the oracle's own token controls. Returns the oracle's outputs by request index."""
+    from conformance.compare import oracle_controls
     from conformance.contract import check_output_contract
 
+    contract = contract or check_output_contract
     oracle = ctx.oracle_for(dtype)
     keep = sorted(got)
     expected = oracle.generate([workload.prompts[i] for i in keep], [workload.params[i] for i in keep])
     for side, outs in (("oracle", expected), ("engine", [got[i] for i in keep])):
         for i, out in zip(keep, outs):
-            check_output_contract(workload.prompts[i]["prompt_token_ids"], workload.params[i], out, ctx.rules,
-                                  f"{side} request {i}")
+            contract(workload.prompts[i]["prompt_token_ids"], workload.params[i], out, ctx.rules, f"{side} request {i}")
     e = oracle.llm.llm_engine
     check_request_outputs(e.model, e.model_config.eos_token_ids,
                           [(workload.prompts[i]["prompt_token_ids"], workload.params[i]) for i in keep],
-                          expected, [got[i] for i in keep], dtype=e.model.dtype)
+                          expected, [got[i] for i in keep], dtype=e.model.dtype, controls_for=oracle_controls(e))
+    return dict(zip(keep, expected))
 
 
 TARGETED_OPTIONS = dict(max_model_len=MAX_MODEL_LEN, block_size=8, num_kv_blocks=64, max_num_seqs=8,
