@@ -1,6 +1,11 @@
 """Where one decode step of `fast` spends its time, by layer and by operator.
 
     python -m benchmarks.profile_decode [--batch 64] [--context 200] [--steps 20] [--backend auto]
+    python -m benchmarks.profile_decode --device cuda --batch 256 --context 512   # on a GPU
+
+On `--device cuda` the model is benchmarks/gpu_throughput.py's random ~0.85 B Llama in bf16 and
+every phase is bracketed by a CUDA synchronize, so its wall time is its own GPU work plus the
+launches (the engine, unprofiled, overlaps them); the profiler table is then by self CUDA time.
 
 Runs `batch` requests of `context` prompt tokens on the offline model until all of them decode,
 then times `steps` steady decode steps, split by the layer boundaries of one step:
@@ -21,8 +26,10 @@ Then torch.profiler's operator table (self CPU time) with the share of GEMMs.
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
@@ -35,7 +42,8 @@ MODEL_PHASES = ("forward", "logits+sample")
 class PhaseTimer:
     """Accumulates wall and thread-CPU seconds per phase, by wrapping bound methods."""
 
-    def __init__(self):
+    def __init__(self, sync=None):
+        self.sync = sync or (lambda: None)
         self.wall: dict[str, float] = defaultdict(float)
         self.cpu: dict[str, float] = defaultdict(float)
         self.enabled = False
@@ -46,19 +54,21 @@ class PhaseTimer:
         def timed(*args, **kwargs):
             if not self.enabled:
                 return inner(*args, **kwargs)
+            self.sync()
             w, c = time.perf_counter(), time.thread_time()
             try:
                 return inner(*args, **kwargs)
             finally:
+                self.sync()
                 self.wall[phase] += time.perf_counter() - w
                 self.cpu[phase] += time.thread_time() - c
 
         setattr(obj, method, timed)
 
 
-def instrument(engine) -> PhaseTimer:
+def instrument(engine, sync=None) -> PhaseTimer:
     """Wrap the layer boundaries of an in-process (`uni`) engine."""
-    timer = PhaseTimer()
+    timer = PhaseTimer(sync)
     runner = engine.executor.driver_worker.model_runner
     timer.wrap(engine.scheduler, "schedule", "schedule")
     timer.wrap(runner, "update_states", "runner input")
@@ -71,16 +81,21 @@ def instrument(engine) -> PhaseTimer:
     return timer
 
 
-def build_engine(batch: int, context: int, backend: str):
+def build_engine(batch: int, context: int, backend: str, model: str | None = None, device: str = "cpu"):
     from fast import EngineConfig, LLMEngine, SamplingParams
 
-    engine = LLMEngine(EngineConfig(model=model_dir("full"), max_model_len=1024, attention_backend=backend,
-                                    max_num_seqs=max(batch, 1)))
+    options = dict(dtype="bfloat16", skip_tokenizer_init=True) if device != "cpu" else {}
+    engine = LLMEngine(EngineConfig(model=model or model_dir("full"), max_model_len=1024, attention_backend=backend,
+                                    max_num_seqs=max(batch, 1), device=device, **options))
     params = SamplingParams(max_tokens=1024 - context, ignore_eos=True, temperature=0.0)
     for i in range(batch):
         engine.add_request(str(i), {"prompt_token_ids": [(7 * i + j) % 8000 + 100 for j in range(context)]}, params)
+    t0, steps = time.perf_counter(), 0
     while engine.scheduler.waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running):
         engine.step()
+        steps += 1
+    print(f"prefill of {batch} x {context} tokens: {steps} steps, {time.perf_counter() - t0:.2f} s "
+          "(the first steps include kernel compilation)")
     assert len(engine.scheduler.running) == batch
     return engine
 
@@ -107,11 +122,23 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda: the ~0.85 B bf16 model, synced phases")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    engine = build_engine(args.batch, args.context, args.backend)
-    timer = instrument(engine)
+    on_gpu = args.device.startswith("cuda")
+    with tempfile.TemporaryDirectory(prefix="pagedlm-profile-") as tmp:
+        model = None
+        if on_gpu:
+            from benchmarks.gpu_throughput import BIG, write_model
+
+            model = str(write_model(Path(tmp), BIG, torch.bfloat16, args.device))
+        engine = build_engine(args.batch, args.context, args.backend, model, args.device)
+    profile(engine, args, torch.cuda.synchronize if on_gpu else None)
+
+
+def profile(engine, args, sync) -> None:
+    timer = instrument(engine, sync)
     timer.enabled = True
     for _ in range(args.steps):
         engine.step()
@@ -121,15 +148,21 @@ def main(argv: list[str] | None = None) -> None:
           f"{torch.get_num_threads()} thread(s), {args.steps} steps")
     print(phase_table(timer, args.steps))
 
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if sync else [])
+    with torch.profiler.profile(activities=activities) as prof:
         for _ in range(args.steps):
             engine.step()
+        if sync:
+            sync()
     events = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in events)
-    gemm_ops = ("aten::addmm", "aten::mm", "aten::linear", "aten::matmul", "mkldnn::_linear_pointwise")
-    gemm = sum(e.self_cpu_time_total for e in events if e.key in gemm_ops)
-    print(f"\nGEMMs {100 * gemm / total:.0f}% of profiled operator time")
-    print(events.table(sort_by="self_cpu_time_total", row_limit=15))
+    print(events.table(sort_by="self_cpu_time_total", row_limit=20))
+    if sync:
+        print(events.table(sort_by="self_device_time_total", row_limit=20))
+    else:
+        total = sum(e.self_cpu_time_total for e in events)
+        gemm_ops = ("aten::addmm", "aten::mm", "aten::linear", "aten::matmul", "mkldnn::_linear_pointwise")
+        gemm = sum(e.self_cpu_time_total for e in events if e.key in gemm_ops)
+        print(f"\nGEMMs {100 * gemm / total:.0f}% of profiled operator time")
     engine.shutdown()
 
 
