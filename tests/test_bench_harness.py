@@ -103,3 +103,21 @@ def test_profile_attribution():
     assert classify("aten::arange", [], ["fast/attention/metadata.py(131): from_lists",
                                          "fast/worker/model_runner.py(132): prepare"]) == "runner (inputs/outputs)"
     assert classify("aten::empty", [], ["fast/core/scheduler.py(10): schedule"]) == "engine (scheduler, outputs)"
+
+
+def test_gpu_throughput_script_runs_on_cpu(tmp_path):
+    """benchmarks/gpu_throughput.py (run by gpu.sh on a GPU) in its CPU smoke mode: every row runs,
+    every engine produced exactly requests x max_tokens tokens, the floor replays fast's steps."""
+    import json
+
+    from benchmarks import gpu_throughput
+
+    assert gpu_throughput.main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "gpu_throughput.json").read_text())
+    w = results["workload"]
+    rows = {r["engine"].split("[")[0]: r for r in results["rows"]}
+    assert set(rows) == {"fast", "hf-generate", "gemm-floor"} and len(results["rows"]) == 4
+    for r in results["rows"][:3]:
+        assert r["output_tokens"] == w["num_requests"] * w["max_tokens"]
+    assert 0 < rows["gemm-floor"]["wall_s"] and rows["gemm-floor"]["gemm_flops"] > 0
+    assert "| fast[" in (tmp_path / "gpu_throughput.md").read_text()
