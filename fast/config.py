@@ -154,8 +154,13 @@ class EngineConfig:
     skip_tokenizer_init: bool = False
     tensor_parallel_size: int = 1
     distributed_executor_backend: str | None = None  # None: "uni" for 1 rank, "mp" for more
+    # Step trace (fast/trace): False = off (costs nothing); True = records kept in memory
+    # (`LLMEngine.tracer.records`); a path = also written there as JSON lines (SPEC "Step trace").
+    trace: bool | str = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.trace, (bool, str)) or self.trace == "":
+            raise ValueError(f"trace must be False, True or a file path, got {self.trace!r}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:

@@ -168,6 +168,10 @@ class KVCacheManager:
     def has_request(self, request_id: RequestId) -> bool:
         return request_id in self._requests
 
+    def request_ids(self) -> list[RequestId]:
+        """Every request holding a block table, in the order their tables were made."""
+        return list(self._requests)
+
     def get_block_table(self, request_id: RequestId, start: int = 0) -> list[BlockId]:
         """The request's block ids from index `start` on (a step sends only the new ones)."""
         return [block.block_id for block in self._request(request_id).blocks[start:]]

@@ -70,6 +70,9 @@ class SchedulerOutput:
     forked_reqs: list[NewRequestData] = field(default_factory=list)  # sample this step, not computed
     block_copies: list[BlockCopy] = field(default_factory=list)  # applied after the forward pass
     preempted_req_ids: list[SampleId] = field(default_factory=list)
+    # preempted_for[i]: the running sample that needed a KV block when preempted_req_ids[i] was
+    # chosen to free one (the same sample when the policy picked it itself). For traces and logs.
+    preempted_for: list[SampleId] = field(default_factory=list)
     finished_req_ids: list[SampleId] = field(default_factory=list)  # workers drop their state
     # Structured output: the constrained samples that sample this step, and row i of the packed
     # bitmask (int32 [rows, ceil(vocab / 32)]; bit t set = token t allowed) is the i-th one's.

@@ -55,6 +55,7 @@ class _Plan:
 
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    preempted_for: list[Request] = field(default_factory=list)  # whose allocation failed, per victim
     forked: list[tuple[Request, Request]] = field(default_factory=list)  # (parent, child)
     block_copies: list[BlockCopy] = field(default_factory=list)
 
@@ -153,7 +154,7 @@ class Scheduler:
                 if id(victim) in scheduled_ids:  # give back what it was granted this step
                     budget += self._unschedule(plan, victim)
                     scheduled_ids.discard(id(victim))
-                self._preempt(victim, plan)
+                self._preempt(victim, plan, needed_by=request)
                 if victim is request:
                     break
             else:
@@ -176,7 +177,7 @@ class Scheduler:
         # (n > 1) joins the running set after requests that arrived after its group.
         return self.running[-1]
 
-    def _preempt(self, request: Request, plan: _Plan) -> None:
+    def _preempt(self, request: Request, plan: _Plan, needed_by: Request) -> None:
         """Preempt by recompute: free all blocks; it restarts from token 0 (prefix hits allowed)."""
         self.running.remove(request)
         self.kv.free(request.request_id)
@@ -187,6 +188,7 @@ class Scheduler:
         self.waiting.appendleft(request)  # each victim is prepended: the last one chosen is first
         self.num_preemptions += 1
         plan.preempted.append(request)
+        plan.preempted_for.append(needed_by)
 
     def _next_waiting(self) -> Request:
         if self.config.policy == "priority":
@@ -249,6 +251,7 @@ class Scheduler:
     def _to_output(self, plan: _Plan) -> SchedulerOutput:
         out = SchedulerOutput(
             preempted_req_ids=[r.request_id for r in plan.preempted],
+            preempted_for=[r.request_id for r in plan.preempted_for],
             block_copies=plan.block_copies,
         )
         for s in plan.scheduled:

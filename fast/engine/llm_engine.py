@@ -7,6 +7,8 @@ The engine only orchestrates; one step is
     Executor.execute_model(...)         -> ModelRunnerOutput    (workers: forward, sample)
     Scheduler.update_from_output(...)   -> the requests that changed (tokens, stop rules, freeing)
     -> RequestOutputs
+
+With `trace` on, a `fast.trace.Tracer` is called between these layers and records the step.
 """
 
 from __future__ import annotations
@@ -77,10 +79,17 @@ class LLMEngine:
         self._elapsed = 0.0
         self._ttft: dict[str, float] = {}
         self._tpot: dict[str, float] = {}
+        self.tracer = None  # off: each step pays four `is not None` checks, nothing else
+        if config.trace:
+            from fast.trace import Tracer
+
+            self.tracer = Tracer(self, None if config.trace is True else config.trace)
 
     def shutdown(self) -> None:
         """Stop the workers (worker processes exit); the engine is unusable afterwards."""
         self.executor.shutdown()
+        if self.tracer is not None:
+            self.tracer.close()
 
     # ------------------------------------------------------------------ requests
     def process(self, prompt, params: SamplingParams | None) -> tuple[ProcessedPrompt, SamplingParams]:
@@ -172,6 +181,9 @@ class LLMEngine:
 
     def _step(self, report_running: bool) -> list[RequestOutput]:
         t0 = time.perf_counter()
+        tracer = self.tracer
+        if tracer is not None:
+            tracer.step_started()
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty:
             return []
@@ -179,12 +191,18 @@ class LLMEngine:
             requests = self.scheduler.requests
             scheduler_output.grammar_bitmask = self.structured.grammar_bitmask(
                 [requests[i].grammar for i in scheduler_output.structured_req_ids]).numpy()
+        if tracer is not None:
+            tracer.scheduled(scheduler_output)
         runner_output = self.executor.execute_model(scheduler_output)
+        if tracer is not None:
+            tracer.executed(runner_output)
         touched = self.scheduler.update_from_output(scheduler_output, runner_output)
         if not report_running:
             touched = [group for group in touched if group.finished]
         outputs = self._collect(touched)
         self._elapsed += time.perf_counter() - t0
+        if tracer is not None:
+            tracer.step_finished()
         return outputs
 
     def _collect(self, touched: list[RequestGroup]) -> list[RequestOutput]:
