@@ -42,9 +42,11 @@ STEP_SCHEMA = {
         "step": _INT,  # 0, 1, 2, ... over the steps that ran the model
         "t_s": {"type": "number", "minimum": 0},  # start, seconds since the tracer was made
         "duration_ms": {"type": "number", "minimum": 0},
-        "phases_ms": _MS,  # schedule / execute / update (the engine's layer boundaries)
+        "phases_ms": _MS,  # fast: schedule / execute / update (its layer boundaries); ref: prefill or decode
         "layers_ms": {"oneOf": [_MS, {"type": "null"}]},  # inside them (fast/trace/tracer.py LAYERS)
-        "num_scheduled_tokens": _INT,  # of max_num_batched_tokens (the token budget)
+        # fast: the step's tokens, of max_num_batched_tokens (the budget); ref: positions computed,
+        # padding included (the real tokens are the sum of scheduled[*].tokens)
+        "num_scheduled_tokens": _INT,
         "scheduled": {"type": "array", "items": {
             "type": "object",
             "required": ["id", "kind", "start", "tokens", "num_prompt_tokens", "num_output_tokens", "samples",
@@ -80,9 +82,10 @@ STEP_SCHEMA = {
                 "num_free": _INT,
                 "usage": {"type": "number", "minimum": 0, "maximum": 1},
                 "tables": {"type": "object", "additionalProperties": _BLOCKS},  # sample -> block ids
-                "num_tokens": {"type": "object", "additionalProperties": _INT},  # slots its table covers
+                # fast: slots its table covers; ref: live tokens of the row (0 once finished)
+                "num_tokens": {"type": "object", "additionalProperties": _INT},
                 "cached": _BLOCKS,  # blocks holding a prefix-cache key (used or free)
-                "free": _BLOCKS,  # free blocks, next to be reused first
+                "free": _BLOCKS,  # free blocks (fast: next to be reused first; ref: ascending)
             },
         },
         "block_changes": {"type": "object", "additionalProperties": {
@@ -98,7 +101,7 @@ STEP_SCHEMA = {
             "type": "object", "required": ["step", "cumulative"],
             "properties": {"step": {"type": ["number", "null"]}, "cumulative": {"type": ["number", "null"]}},
         },
-        "totals": {  # cumulative, equal to LLMEngine.get_metrics() after the step
+        "totals": {  # cumulative; fast: equal to LLMEngine.get_metrics() after the step
             "type": "object",
             "required": ["generated_tokens", "prompt_tokens_computed", "preemptions"],
             "properties": {"generated_tokens": _INT, "prompt_tokens_computed": _INT, "preemptions": _INT,
