@@ -34,11 +34,15 @@ class Watched:
     def __init__(self, model_dir: str, **options):
         self.engine = LLMEngine(EngineConfig(model=model_dir, **{**OPTIONS, **options}))
         self.outputs = []
-        executor = self.engine.executor
+        self.slots = []  # per step: sample -> the cache slots its tokens are written to
+        engine, executor = self.engine, self.engine.executor
         inner = executor.execute_model
 
         def execute_model(scheduler_output):
             self.outputs.append(scheduler_output)
+            starts = {sid: engine.scheduler.requests[sid].num_computed_tokens for sid in scheduler_output.num_scheduled_tokens}
+            self.slots.append({sample_key(sid): engine.kv.slot_mapping(sid, starts[sid], starts[sid] + n)
+                               for sid, n in scheduler_output.num_scheduled_tokens.items()})
             return inner(scheduler_output)
 
         executor.execute_model = execute_model
@@ -75,8 +79,11 @@ def test_one_record_per_step_consistent_with_the_engine(tiny_model_dir):
     records, m = list(w.engine.tracer.records), w.engine.get_metrics()
     assert len(records) == len(w.outputs) > 0  # one record per step that ran the model
     assert [r["step"] for r in records] == list(range(len(records)))
-    for record, out in zip(records, w.outputs):
+    bs = OPTIONS["block_size"]
+    for record, out, slots in zip(records, w.outputs, w.slots):
         jsonschema.validate(record, STEP_SCHEMA)
+        for e in record["scheduled"]:  # the blocks written are those of the slots the runner writes
+            assert e["blocks"] == list(dict.fromkeys(slot // bs for slot in slots[e["id"]]))
         assert {e["id"]: e["tokens"] for e in record["scheduled"]} == \
             {sample_key(sid): n for sid, n in out.num_scheduled_tokens.items()}
         assert [e["id"] for e in record["scheduled"]] == [sample_key(s) for s in out.num_scheduled_tokens]

@@ -27,6 +27,7 @@ META_SCHEMA = {
         "max_num_batched_tokens": {"type": ["integer", "null"]},
         "max_num_seqs": {"type": "integer", "minimum": 1},
         "max_model_len": {"type": "integer", "minimum": 1},
+        "num_hidden_layers": {"type": "integer", "minimum": 1},
         "policy": {"type": "string"},
         "layers_timed": {"type": "boolean"},
     },
@@ -61,6 +62,7 @@ STEP_SCHEMA = {
                 "samples": {"type": "boolean"},  # the chunk reaches the end: a token is sampled
                 "admitted": {"type": "boolean"},  # came from the waiting queue in this step
                 "prefix_hit_tokens": _INT,  # on admission: tokens found in the prefix cache
+                "blocks": _BLOCKS,  # fast: the blocks written, positions start .. start + tokens - 1
             },
         }},
         "forked": {"type": "array", "items": {"type": "array", "items": {"type": "string"}, "minItems": 2,

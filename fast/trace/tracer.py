@@ -125,6 +125,7 @@ class Tracer:
                 "block_size": cfg.block_size, "num_blocks": engine.num_blocks,
                 "max_num_batched_tokens": sched.max_num_batched_tokens, "max_num_seqs": sched.max_num_seqs,
                 "max_model_len": engine.max_model_len, "policy": policy,
+                "num_hidden_layers": engine.resolved.model.hf.num_hidden_layers,
                 "enable_prefix_caching": cfg.enable_prefix_caching, "enable_chunked_prefill": cfg.enable_chunked_prefill,
                 "executor": engine.resolved.parallel.executor_backend, "device": engine.resolved.device}
 
@@ -135,7 +136,7 @@ class Tracer:
 
     def scheduled(self, out: SchedulerOutput) -> None:
         self._marks.append(time.perf_counter())
-        sched = self.engine.scheduler
+        sched, kv, bs = self.engine.scheduler, self.engine.kv, self.engine.config.block_size
         admitted = {new.req_id for new in out.scheduled_new_reqs}
         admitted |= {c.req_id for c in out.scheduled_cached_reqs if c.resumed}
         self._requests = {}
@@ -152,6 +153,9 @@ class Tracer:
                 "num_prompt_tokens": r.num_prompt_tokens, "num_output_tokens": r.num_output_tokens,
                 "samples": start + num_new == r.num_tokens, "admitted": sid in admitted,
                 "prefix_hit_tokens": start if sid in admitted else 0,
+                # the blocks this step writes (positions start .. start + tokens - 1), as the
+                # forward sees them: a sample freed later in the step keeps them in the record
+                "blocks": kv.get_block_table(sid, start=start // bs)[:(start + num_new - 1) // bs - start // bs + 1],
             })
         for child in out.forked_reqs:
             self._requests[sample_key(child.req_id)] = sched.requests[child.req_id]
