@@ -27,6 +27,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--profile", default="quick", choices=PROFILE_NAMES)
     ap.add_argument("--tier", action="append", choices=TIER_NAMES, help="run only these tiers (repeatable)")
     ap.add_argument("--check", default=None, help="run only the check with this name")
+    ap.add_argument("--policy", action="append", type=_policy_spec, metavar="NAME|module:attr",
+                    help="scheduling policy for the scheduler and e2e tiers instead of drawing fcfs/priority: "
+                         "fcfs, priority, or module:attr naming a fast.core.policy.SchedulingPolicy instance "
+                         "or a class taking no arguments (repeatable: each run draws one)")
     ap.add_argument("--seed", type=int, default=None, help="Hypothesis seed (default: derandomized)")
     ap.add_argument("--report", default=None, help="write a JSON report here")
     ap.add_argument("--no-shrink", action="store_true", help="report the first failing example unshrunk (faster)")
@@ -36,6 +40,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="UNSAFE, for debugging an adapter: run the engine in the suite's own process, "
                          "with no time budget; the engine could then patch or hang the suite")
     return ap.parse_args(argv)
+
+
+def _policy_spec(spec: str) -> str:
+    """`--policy`, checked while the arguments are parsed (the module is imported): the spec string
+    itself, which the e2e tier sends to the engine process (imported again there)."""
+    from fast.core.policy import load_policy
+
+    try:
+        load_policy(spec)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return spec
 
 
 def _quiet_libraries() -> None:
@@ -99,11 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         engine = EngineHost(args.engine, args.model, {"max_model_len": MAX_MODEL_LEN})
         make, adapter = engine.make_adapter, None  # the engine process starts inside the first check
-    ctx = Context(adapter=adapter, model_dir=args.model, profile=PROFILES[args.profile], make_adapter=make)
+    ctx = Context(adapter=adapter, model_dir=args.model, profile=PROFILES[args.profile], make_adapter=make,
+                  policies=tuple(args.policy or ()))
     isolation = "off (unsafe)" if args.no_isolation else f"engine process, {timeout:g} s per check"
     print(f"conformance: engine={args.engine} model={args.model} profile={args.profile} isolation={isolation}",
           flush=True)
     meta = {"engine": args.engine, "model": args.model, "profile": args.profile, "seed": args.seed,
+            "policies": list(args.policy or ()),
             "isolated": not args.no_isolation, "timeout_s": None if args.no_isolation else timeout}
     results = []
     interrupted = False
@@ -113,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         for check in checks:
             ctrl_c.raise_if_pressed()
             replay = (f"python -m conformance --engine {args.engine} --model {args.model} --profile {args.profile} "
-                      f"--tier {check.tier} --check {check.name}" + (f" --seed {args.seed}" if args.seed is not None else ""))
+                      f"--tier {check.tier} --check {check.name}" + (f" --seed {args.seed}" if args.seed is not None else "")
+                      + "".join(f" --policy {p}" for p in args.policy or ()))
             r = run_check(check, ctx, args.seed, not args.no_shrink, replay, engine, timeout)
             ctrl_c.raise_if_pressed()  # a Ctrl-C swallowed inside the check: its result is void
             results.append(r)

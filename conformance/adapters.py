@@ -59,7 +59,7 @@ class FastAdapter:
         from fast import LLM
 
         self.model_dir, self.options = model_dir, options
-        self.llm = LLM(model_dir, **options)
+        self.llm = LLM(model_dir, **_with_policy_object(options))
 
     def generate(self, prompts, params):
         return self.llm.generate(prompts, params, use_tqdm=False)
@@ -99,7 +99,7 @@ class FastAdapter:
     def make_engine(self, **options):
         from fast import EngineConfig, LLMEngine
 
-        return LLMEngine(EngineConfig.from_options(self.model_dir, {**self.options, **options}))
+        return LLMEngine(EngineConfig.from_options(self.model_dir, _with_policy_object({**self.options, **options})))
 
     @staticmethod
     def sample(logits, rows, eos_token_ids) -> list[int]:
@@ -117,6 +117,17 @@ class FastAdapter:
         assert not leaked, (f"the workers still hold the state of finished samples "
                             f"{sorted(map(str, leaked))[:5]} and were never told to drop it")
         return engine.kv.num_free_blocks == engine.num_blocks
+
+
+def _with_policy_object(options: dict) -> dict:
+    """The options with a `policy` given as `module:attr` (`python -m conformance --policy`; it
+    crosses to the engine process as a string) imported here, as the policy object fast takes."""
+    policy = options.get("policy")
+    if isinstance(policy, str) and ":" in policy:
+        from fast.core.policy import load_policy
+
+        return {**options, "policy": load_policy(policy)}
+    return options
 
 
 class FastTP2Adapter(FastAdapter):

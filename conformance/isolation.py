@@ -16,6 +16,9 @@ What crosses the pipe:
 - Data, by value: builtin scalars and containers, tensors (raw bytes and the device they were on;
   arguments a call changed in place are copied back), `torch.device`s, enums, frozen dataclasses
   compared by value, and `RequestOutput`, `CompletionOutput`, `Logprob`, `SamplingParams`.
+- From the suite only, by value too: a scheduling policy (`fast.core.policy.SchedulingPolicy`, in
+  the scheduler tier's `SchedulerConfig`). The engine's scheduler gets its own copy, its class
+  imported in the engine process by name; a policy is pure, so the copy chooses as the original.
 - A tensor is rebuilt on the sender's device when the receiver has it, as in one process: the
   engine's CUDA kernels get CUDA tensors from the checks, and the checks get the engine's CUDA
   outputs on CUDA. A device the receiver lacks (no CUDA, fewer GPUs, another kind) gives a CPU
@@ -322,6 +325,13 @@ def _is_record(obj: Any) -> bool:
     return (params.frozen and params.eq) or (cls.__module__, cls.__qualname__) in DATA_CLASSES
 
 
+def _is_policy(obj: Any) -> bool:
+    """A `fast.core.policy.SchedulingPolicy` (only if the suite imported that module: the check
+    itself imports nothing)."""
+    cls = _known_class("fast.core.policy", "SchedulingPolicy")
+    return cls is not None and isinstance(obj, cls)
+
+
 class _Encoder(pickle.Pickler):
     """Pickles a message: data by value, everything else as a reference into the sender's table.
     Exact builtin scalars and containers never reach `reducer_override` (pickle's fast path)."""
@@ -346,7 +356,7 @@ class _Encoder(pickle.Pickler):
         if torch is not None and isinstance(obj, torch.device):
             return _rebuild_device, (obj.type, obj.index)
         if ep.is_parent and (_is_record(obj) or isinstance(obj, (enum.Enum, type, types.FunctionType,
-                                                                 types.BuiltinFunctionType))):
+                                                                 types.BuiltinFunctionType)) or _is_policy(obj)):
             return NotImplemented  # the child trusts the suite: ordinary pickling, classes by name
         if torch is not None and isinstance(obj, torch.dtype):
             return _rebuild_dtype, (str(obj).removeprefix("torch."),)

@@ -8,17 +8,25 @@ in seconds.
 
 `SchedulerModel` is SPEC §10 written as plainly as possible: two Python lists for the queues and
 `AllocatorModel` (conformance/allocator.py) for the KV cache, so it predicts every step exactly.
+The policy — whom to admit next, whom to preempt — is the config's: "fcfs" or "priority" (drawn),
+which the model implements itself (`SpecFCFS`, `SpecPriority`: SPEC §10, not fast's own classes,
+so that a bug in those is not the model's too), or a user's `SchedulingPolicy` object
+(`make_scheduler_machine(..., policies=...)`, `python -m conformance --policy`), which the model
+asks itself, on the model's own queues: the machine checks that the scheduler OBEYS the policy,
+whatever it is (not that the policy is good).
+
 The machine sends every operation to both and checks, after every step:
-- the same requests preempted, in the same order (which victim: fcfs the latest admitted, priority
-  the largest `(priority, arrival)`; a victim granted tokens this step gives them back);
+- the same requests preempted, in the same order (the policy's victim, asked again until a block
+  is free: fcfs the latest admitted, priority the largest `(priority, arrival)`; a victim granted
+  tokens this step gives them back);
 - the same requests scheduled, in the same order, with the same token counts (running first in
   admission order, then admissions in policy order: fcfs queue order, priority smallest
   `(priority, arrival)`, ties by arrival; no overtaking; nothing admitted in a step that preempted;
   chunks capped by the budget and `long_prefill_token_threshold`; prefix hits skipped for
   `prompt_logprobs`);
-- the same running list (admission order) and waiting queue (fcfs: the exact order, so where a
-  preempted request re-enters is checked; priority: the same set), the same computed tokens,
-  block tables and free-block order;
+- the same running list (admission order) and waiting queue in the same order (the order a policy
+  is shown: where a preempted request re-enters is checked), the same computed tokens, block
+  tables and free-block order;
 - forks of n > 1 samples (in the step sample 0 completes its prompt, after all other
   allocations) join the running set only below `max_num_seqs`, with the same block copies;
 - the scheduler's own `check_invariants()`.
@@ -38,6 +46,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from conformance.allocator import AllocatorModel
 from fast.core.kv_cache_manager import KVCacheConfig, KVCacheManager
 from fast.core.outputs import ModelRunnerOutput
+from fast.core.policy import FCFS, Priority, SchedulingPolicy
 from fast.core.request import Request, RequestGroup, Status
 from fast.core.scheduler import Scheduler, SchedulerConfig
 from ref.sampling_params import SamplingParams
@@ -76,6 +85,42 @@ def make_request(rid: str, prompt: list[int], max_tokens: int, arrival: int, pri
     return make_group(rid, prompt, max_tokens, arrival, priority).samples[0]
 
 
+class SpecFCFS:
+    """SPEC §10's fcfs: admit the head of the waiting queue; preempt the latest admitted."""
+
+    name = "fcfs"
+
+    def next_waiting(self, waiting: list[Request]) -> Request:
+        return waiting[0]
+
+    def pick_victim(self, running: list[Request]) -> Request:
+        return running[-1]
+
+
+class SpecPriority:
+    """SPEC §10's priority: admit the smallest `(priority, arrival)`; preempt the largest."""
+
+    name = "priority"
+
+    def next_waiting(self, waiting: list[Request]) -> Request:
+        return min(waiting, key=lambda r: (r.priority, r.arrival))
+
+    def pick_victim(self, running: list[Request]) -> Request:
+        return max(running, key=lambda r: (r.priority, r.arrival))
+
+
+def model_policy(policy: str | SchedulingPolicy):
+    """What the model follows: its own fcfs or priority for a built-in (named, or fast's object of
+    exactly that class), else the user's policy object itself (the definition of its own order)."""
+    if policy == "fcfs" or type(policy) is FCFS:
+        return SpecFCFS()
+    if policy == "priority" or type(policy) is Priority:
+        return SpecPriority()
+    if not isinstance(policy, SchedulingPolicy):
+        raise ValueError(f"policy must be 'fcfs', 'priority' or a SchedulingPolicy, got {policy!r}")
+    return policy
+
+
 @dataclass
 class ModelStep:
     scheduled: list[tuple[Request, int]] = field(default_factory=list)
@@ -91,8 +136,9 @@ class SchedulerModel:
 
     def __init__(self, config: SchedulerConfig, kv_config: KVCacheConfig):
         self.config = config
+        self.policy = model_policy(config.policy)
         self.kv = AllocatorModel(kv_config)
-        self.waiting: list[Request] = []  # fcfs: queue order (head first)
+        self.waiting: list[Request] = []  # queue order (head first), as a policy sees it
         self.running: list[Request] = []  # admission order
         self.computed: dict[int, int] = {}  # id(request) -> computed tokens
         self.pending_forks: dict[int, list[Request]] = {}  # id(group) -> samples 1..n-1 not forked
@@ -120,16 +166,24 @@ class SchedulerModel:
             self.pending_forks.pop(id(r.group), None)
 
     # ---- the policy
+    def ask(self, method: str, queue: list[Request]) -> Request:
+        """The policy's choice from one of the model's queues; one not in it is the policy's bug."""
+        chosen = getattr(self.policy, method)(queue)
+        assert any(chosen is r for r in queue), (
+            f"the policy {self.policy!r} broke its contract: {method}() returned {chosen!r:.200}, not one of "
+            f"the requests it was given {_short(_ids(queue))}")
+        return chosen
+
     def policy_order(self) -> list[Request]:
-        """Waiting requests in the order they must be admitted."""
-        if self.config.policy == "priority":
-            return sorted(self.waiting, key=lambda r: (r.priority, r.arrival))
-        return list(self.waiting)
+        """Waiting requests in the order they would be admitted were there room for all."""
+        rest, order = list(self.waiting), []
+        while rest:
+            order.append(self.ask("next_waiting", rest))
+            rest.remove(order[-1])
+        return order
 
     def victim(self) -> Request:
-        if self.config.policy == "priority":
-            return max(self.running, key=lambda r: (r.priority, r.arrival))
-        return self.running[-1]  # the latest admitted
+        return self.ask("pick_victim", self.running)
 
     def chunk(self, remaining: int, budget: int) -> int:
         num = min(remaining, budget)
@@ -167,7 +221,7 @@ class SchedulerModel:
                 granted[id(r)] = num
                 budget -= num
         while not step.preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            r = self.policy_order()[0]
+            r = self.ask("next_waiting", self.waiting)
             tokens = list(r.token_ids)
             hit = [] if r.params.prompt_logprobs is not None else self.kv.lookup(tokens, None)
             remaining = len(tokens) - len(hit) * self.kv.bs
@@ -211,7 +265,7 @@ class SchedulerModel:
         self.kv.compute(r.request_id)
 
 
-def liveness_bound(policy: str, samples: list[Request]) -> int:
+def liveness_bound(policy: str | SchedulingPolicy, samples: list[Request]) -> int:
     """Steps within which every unfinished sample must finish once nothing new arrives.
 
     Each sample needs at most L = prompt + max_tokens tokens computed (a recompute included:
@@ -223,9 +277,14 @@ def liveness_bound(policy: str, samples: list[Request]) -> int:
     priority: the smallest (priority, arrival) is likewise never a victim, but may wait while the
     running set (which only shrinks, apart from forks) finishes: each head's turn costs at most
     sum(L + 1), so len(samples) * sum(L + 1).
+    Any other policy: no bound holds for every deterministic policy (one whose victims keep losing
+    their progress can livelock the engine), so it gets priority's, which is generous; a policy
+    that preempts the latest admitted (`running[-1]`) needs only fcfs's, whatever it admits (the
+    argument above never used the admission order).
     """
     total = sum(len(s.group.prompt_token_ids) + s.params.max_tokens + 1 for s in samples)
-    return total if policy == "fcfs" else max(1, len(samples)) * total
+    fcfs = policy == "fcfs" or type(policy) in (FCFS, SpecFCFS)
+    return total if fcfs else max(1, len(samples)) * total
 
 
 def _ids(requests) -> list[str]:
@@ -314,12 +373,12 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.healthy = False  # until this step's checks pass (teardown must not mask a failure)
         self.steps += 1
         before = f"running {_short(_ids(self.model.running))}, waiting {_short(_ids(self.model.waiting))}"
-        if self.config.policy == "priority":
+        if type(self.model.policy) is not SpecFCFS:  # fcfs admits in queue order
             before += f" (policy order {_short(_ids(self.model.policy_order()))})"
         expected = self.model.schedule()
         out = self.scheduler.schedule()
         self.scheduler.check_invariants(out)
-        where = f"step {self.steps} ({self.config.policy}; before it {before})"
+        where = f"step {self.steps} ({self.model.policy.name}; before it {before})"
         got_pre, want_pre = list(out.preempted_req_ids), _ids(expected.preempted)
         assert got_pre == want_pre, f"{where}: preempted {got_pre}, the policy preempts {want_pre}"
         got = list(out.num_scheduled_tokens.items())
@@ -366,13 +425,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert running == want_running, (
             f"running {_short(running)} (admission order), the policy has {_short(want_running)}")
         waiting, want_waiting = _ids(self.scheduler.waiting), _ids(self.model.waiting)
-        if self.config.policy == "fcfs":
-            assert waiting == want_waiting, (
-                f"waiting queue {_short(waiting)}, the policy has {_short(want_waiting)} (preempted requests "
-                f"re-enter at the head, the last chosen first)")
-        else:
-            assert sorted(waiting) == sorted(want_waiting), (
-                f"waiting {_short(waiting)}, the policy has {_short(want_waiting)}")
+        assert waiting == want_waiting, (
+            f"waiting queue {_short(waiting)}, the policy has {_short(want_waiting)} (preempted requests "
+            f"re-enter at the head, the last chosen first)")
         for r in self.scheduler.running:
             assert r.status is Status.RUNNING and r.group.request_id in self.groups
             want = self.model.computed[id(r)]
@@ -400,16 +455,20 @@ class SchedulerMachine(RuleBasedStateMachine):
         if not getattr(self, "healthy", False):  # not set up, or a check already failed: report that one
             return
         samples = [s for g in self.groups.values() for s in g.samples if not s.finished]
-        bound = liveness_bound(self.config.policy, samples)
+        bound = liveness_bound(self.model.policy, samples)
+        builtin = type(self.model.policy) in (SpecFCFS, SpecPriority)
         steps = 0
         while self.scheduler.has_work():
             assert self._step(1) > 0, "scheduler stalled: work queued but nothing scheduled"
             self.queues_match_model()
             steps += 1
             assert steps <= bound, (
-                f"{self.config.policy}: unfinished after {bound} steps with no new work (starvation or "
+                f"{self.model.policy.name}: unfinished after {bound} steps with no new work (starvation or "
                 f"livelock): running {_short(_ids(self.scheduler.running))}, "
-                f"waiting {_short(_ids(self.scheduler.waiting))}")
+                f"waiting {_short(_ids(self.scheduler.waiting))}" + ("" if builtin else (
+                    f"; the scheduler followed the policy {self.model.policy!r} at every step, so the policy "
+                    f"itself never lets these finish (e.g. its victims keep losing their progress; "
+                    f"preempting the latest admitted, running[-1], is always live)")))
         assert not self.groups, f"requests {sorted(self.groups)} never finished"
         assert self.kv.num_free_blocks == self.kv.config.num_blocks, "blocks leaked after every request finished"
         self.kv.check_invariants()
@@ -440,14 +499,18 @@ PRESSURE_SETUP = {
 SchedulerMachine.SETUPS = (GENERAL_SETUP, PRESSURE_SETUP)
 
 
-def make_scheduler_machine(factory, name: str = "SchedulerMachine",
-                           setup: dict | None = None) -> type[SchedulerMachine]:
+def make_scheduler_machine(factory, name: str = "SchedulerMachine", setup: dict | None = None,
+                           policies: list[str | SchedulingPolicy] | None = None) -> type[SchedulerMachine]:
     """A `SchedulerMachine` for another scheduler implementation; use its `.TestCase`.
     `setup` replaces some of the configuration strategies (see `GENERAL_SETUP`); by default a run
-    draws from the general space or the memory-pressure one."""
+    draws from the general space or the memory-pressure one. `policies` (built-in names or
+    `SchedulingPolicy` objects) replaces the drawn policy, in every space."""
     attrs = {"factory": staticmethod(factory)}
-    if setup is not None:
-        attrs["SETUPS"] = ({**GENERAL_SETUP, **setup},)
+    setups = SchedulerMachine.SETUPS if setup is None else ({**GENERAL_SETUP, **setup},)
+    if policies:
+        setups = tuple({**space, "policy": st.sampled_from(list(policies))} for space in setups)
+    if setup is not None or policies:
+        attrs["SETUPS"] = setups
     return type(name, (SchedulerMachine,), attrs)
 
 
@@ -488,22 +551,27 @@ class _Fixed:
 def run_scenarios(factory=Scheduler) -> list[str]:
     """Run every scripted scenario against the scheduler `factory` makes; raises AssertionError
     naming the scenario at the first disagreement with the policy; returns the names run."""
-    machine_class = make_scheduler_machine(factory, "ScriptedSchedulerMachine")
     for name, (config, program) in SCENARIOS.items():
-        machine = machine_class()
         try:
-            machine._setup(**config)
-            for op in program:
-                if op[0] == "add":
-                    _, length, max_tokens, priority = op
-                    machine.add(length=length, data=_Fixed([1] * length), max_tokens=max_tokens,
-                                priority=priority, n=1, prompt_logprobs=None)
-                else:
-                    machine.step(token=0, steps=op[1])
-            machine.teardown()
+            run_program(config, program, factory)
         except AssertionError as err:
             raise AssertionError(f"scripted scenario {name!r}: {err}") from err
     return list(SCENARIOS)
+
+
+def run_program(config: dict, program: list[tuple], factory=Scheduler) -> None:
+    """One scripted program in the format of `SCENARIOS` (its `policy` may be a SchedulingPolicy
+    object) on a fresh machine, checked at every step, then the teardown's liveness check."""
+    machine = make_scheduler_machine(factory, "ScriptedSchedulerMachine")()
+    machine._setup(**config)
+    for op in program:
+        if op[0] == "add":
+            _, length, max_tokens, priority = op
+            machine.add(length=length, data=_Fixed([1] * length), max_tokens=max_tokens,
+                        priority=priority, n=1, prompt_logprobs=None)
+        else:
+            machine.step(token=0, steps=op[1])
+    machine.teardown()
 
 
 @dataclass

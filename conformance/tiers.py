@@ -58,6 +58,9 @@ class Context:
     profile: Profile
     make_adapter: Callable[..., Any]  # (model_dir, **options) -> adapter of the same engine
     options: dict = field(default_factory=dict)
+    # `--policy`: scheduling policies (built-in names or `module:attr`) the scheduler and e2e tiers
+    # use instead of drawing "fcfs" or "priority".
+    policies: tuple[str, ...] = ()
     _oracles: dict = field(default_factory=dict)  # dtype -> RefAdapter
     _rules: Any = None
 
@@ -207,9 +210,14 @@ def build_allocator(ctx: Context):
 def build_scheduler(ctx: Context):
     factory = ctx.hook("scheduler_factory")
     from conformance.scheduler_machine import ScenariosThenMachines, make_scheduler_machine
+    from fast.core.policy import load_policy
 
-    # The scripted scenarios (rare situations, every run), then general and memory-pressure configurations.
-    return ScenariosThenMachines(factory, [make_scheduler_machine(factory)]), None
+    # `--policy`: the machine's model asks these policy objects (imported here, in the suite); the
+    # scheduler under test gets them in its SchedulerConfig (imported again in the engine process).
+    policies = [load_policy(spec) if ":" in spec else spec for spec in ctx.policies]
+    # The scripted scenarios (rare situations, every run; their own built-in policies), then general
+    # and memory-pressure configurations.
+    return ScenariosThenMachines(factory, [make_scheduler_machine(factory, policies=policies)]), None
 
 
 # ----------------------------------------------------------------------------- 5. sampler
@@ -438,7 +446,8 @@ def build_e2e(ctx: Context):
                           max_model_len=MAX_MODEL_LEN)
         # The backends the engine offers here (fast's C++ "cpu" kernel where it builds, on CPU).
         backends = tuple(sorted(getattr(ctx.adapter, "attention_backends", lambda: {"torch": None})()))
-        return fast_engine_options(MAX_MODEL_LEN, variants=True, backends=backends).flatmap(
+        policies = ctx.policies or ("fcfs", "priority")  # `module:attr` is imported by the engine's adapter
+        return fast_engine_options(MAX_MODEL_LEN, variants=True, backends=backends, policies=policies).flatmap(
             lambda options: st.tuples(small if interpreted and options["attention_backend"] == "triton" else wl,
                                       st.just(options))), body
     return st.tuples(wl.map(lambda w: Workload(w.prompts, w.params, w.priorities, {})), st.just({})), body

@@ -120,9 +120,11 @@ def _at_limit(draw, kind: str, max_model_len: int, max_tokens: int) -> tuple[int
 
 @st.composite
 def fast_engine_options(draw, max_model_len: int = 128, variants: bool = False,
-                        backends: tuple[str, ...] = ("torch", "triton")):
+                        backends: tuple[str, ...] = ("torch", "triton"),
+                        policies: tuple[str, ...] = ("fcfs", "priority")):
     """Small pools and budgets that force chunking and preemption. With `variants`, the attention
-    backend is drawn: "torch" most of the time, each other of `backends` one example in six."""
+    backend is drawn: "torch" most of the time, each other of `backends` one example in six.
+    `policy` is drawn from `policies`: built-in names, or `module:attr` (the adapter imports it)."""
     block_size = draw(st.sampled_from([4, 8, 16, 32]))
     needed = -(-max_model_len // block_size)
     max_num_seqs = draw(st.integers(1, 8))
@@ -140,7 +142,7 @@ def fast_engine_options(draw, max_model_len: int = 128, variants: bool = False,
         enable_chunked_prefill=chunked,
         enable_prefix_caching=draw(st.integers(0, 3)) > 0,  # on 3 times in 4: prefix hits are common
         long_prefill_token_threshold=draw(st.sampled_from([0, 0, 7, 32])) if chunked else 0,
-        policy=draw(st.sampled_from(["fcfs", "priority"])),
+        policy=draw(st.sampled_from(list(policies))),
         # variants: an example in six on each other backend, and one in six each in float16 and
         # bfloat16 (the oracle then runs in that dtype too, and the comparison takes its tolerance;
         # a sampled token near a top-k/top-p/min-p cut is judged by compare's near-cut clause).

@@ -15,16 +15,17 @@ This module imports no torch until `resolve()` is called (so `--help` stays fast
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from fast.core.policy import BUILTIN_POLICIES, SchedulingPolicy, resolve_policy
 from ref.config import config_from_options
 from ref.inputs import DEFAULT_MAX_N
 from ref.sampling_params import MAX_SEED
 
 DEFAULT_KV_CACHE_MEMORY = 512 * 2**20  # bytes, when neither num_kv_blocks nor kv_cache_memory is set
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
-POLICIES = ("fcfs", "priority")
+POLICIES = BUILTIN_POLICIES  # the names `policy` takes as a string; or a SchedulingPolicy object
 EXECUTOR_BACKENDS = ("uni", "mp", "ray")
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ class SchedulerConfig:
     max_model_len: int
     enable_chunked_prefill: bool = True
     long_prefill_token_threshold: int = 0  # 0: a chunk is capped by the budget only
-    policy: str = "fcfs"
+    policy: str | SchedulingPolicy = "fcfs"  # a name of POLICIES or a policy object (fast/core/policy.py)
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -59,8 +60,7 @@ class SchedulerConfig:
             )
         if self.long_prefill_token_threshold < 0:
             raise ValueError(f"long_prefill_token_threshold must be >= 0, got {self.long_prefill_token_threshold}")
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        resolve_policy(self.policy)  # a built-in name or a SchedulingPolicy, else ValueError
 
 
 @dataclass(frozen=True)
@@ -125,11 +125,17 @@ class ResolvedConfig:
 
     model: ModelConfig
     cache: CacheConfig
-    scheduler: SchedulerConfig
+    scheduler: SchedulerConfig | None  # None in a worker process (`for_workers`)
     parallel: ParallelConfig
     device: str
     attention_backend: str
     seed: int
+
+    def for_workers(self) -> "ResolvedConfig":
+        """What the executors send each worker process: all but the scheduler's config. Workers
+        never schedule, and that config may hold a user's `SchedulingPolicy` object, which need
+        not pickle (a class defined inside a function, say) and must not need to."""
+        return replace(self, scheduler=None)
 
 
 @dataclass(frozen=True)
@@ -146,7 +152,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     long_prefill_token_threshold: int = 0
-    policy: str = "fcfs"
+    policy: str | SchedulingPolicy = "fcfs"  # "fcfs", "priority" or a SchedulingPolicy object
     attention_backend: str = "auto"
     device: str = "auto"  # "auto": cuda when available, else cpu
     max_logprobs: int = 20
@@ -177,8 +183,7 @@ class EngineConfig:
             raise ValueError(f"seed must be in [0, {MAX_SEED}], got {self.seed}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        resolve_policy(self.policy)  # a built-in name or a SchedulingPolicy, else ValueError
         self.parallel_config()  # validates tensor_parallel_size and the executor backend
 
     def parallel_config(self) -> ParallelConfig:

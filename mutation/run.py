@@ -36,6 +36,7 @@ TARGETS = {
     "block_pool": Target("fast/core/block_pool.py", ("allocator", "e2e")),
     "kv_cache_manager": Target("fast/core/kv_cache_manager.py", ("allocator", "e2e")),
     "scheduler": Target("fast/core/scheduler.py", ("scheduler", "e2e")),
+    "policy": Target("fast/core/policy.py", ("scheduler",)),  # the built-in policies the scheduler asks
     "sampler": Target("fast/worker/sampler.py", ("e2e", "determinism")),
 }
 

@@ -398,9 +398,9 @@ RARE: list[tuple[Bug, str]] = [
          "scheduler/state_machine", "the policy"),
      "Needs chunked prefill off and a waiting prompt exactly as long as the budget left (caught "
      "with 1000 examples, not with 100)."),
-    (Bug("priority-victim-ties-by-admission", "fast.core.scheduler",
-         "return max(self.running, key=lambda r: (r.priority, r.arrival))",
-         "return max(self.running, key=lambda r: r.priority)",
+    (Bug("priority-victim-ties-by-admission", "fast.core.policy",
+         "return max(running, key=lambda r: (r.priority, r.arrival))",
+         "return max(running, key=lambda r: r.priority)",
          "scheduler/state_machine", "the policy"),
      "Needs a preemption under priority with the lowest priority tied among running requests "
      "(caught with 100 examples)."),

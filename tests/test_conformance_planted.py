@@ -190,8 +190,8 @@ def test_preempted_requeued_at_tail_is_caught(tiny_model_dir, monkeypatch):
 
     original = Scheduler._preempt
 
-    def to_tail(self, request, out):
-        original(self, request, out)
+    def to_tail(self, request, out, **kw):
+        original(self, request, out, **kw)
         self.waiting.remove(request)
         self.waiting.append(request)
 
@@ -206,9 +206,9 @@ def test_two_victims_requeued_in_choice_order_is_caught(tiny_model_dir, monkeypa
 
     original = Scheduler._preempt
 
-    def in_choice_order(self, request, out):
+    def in_choice_order(self, request, out, **kw):
         earlier = len(out.preempted)  # victims already chosen this step stay ahead
-        original(self, request, out)
+        original(self, request, out, **kw)
         self.waiting.remove(request)
         self.waiting.insert(earlier, request)
 

@@ -47,9 +47,9 @@ def test_preemption_mid_prefill_gives_the_unpreempted_output(tiny_model_dir, mon
     preempted_at = []
     original = Scheduler._preempt
 
-    def spy(self, request, out):
+    def spy(self, request, out, **kw):
         preempted_at.append((request.num_computed_tokens, request.num_tokens))
-        original(self, request, out)
+        original(self, request, out, **kw)
 
     monkeypatch.setattr(Scheduler, "_preempt", spy)
     llm = LLM(tiny_model_dir, max_model_len=64, block_size=4, num_kv_blocks=16, max_num_seqs=4,

@@ -6,9 +6,9 @@ running requests:
 1. running requests first, in admission order: each gets the rest of its uncomputed tokens
    (1 for a decode, a chunk of a prompt otherwise), capped by the remaining budget and by
    `long_prefill_token_threshold`. When the KV cache has no block for one, the scheduler
-   preempts by recompute — under `fcfs` the latest admitted running request, under `priority`
-   the lowest-priority one (largest `priority` value, ties: latest arrival) — frees its blocks,
-   resets it to recompute, and puts it at the head of the waiting queue.
+   preempts by recompute the running request its policy picks (`fast/core/policy.py`: under
+   `fcfs` the latest admitted, under `priority` the lowest-priority one, ties: latest arrival),
+   frees its blocks, resets it to recompute, and puts it at the head of the waiting queue.
 2. then, only if nothing was preempted this step, waiting requests in policy order: a
    prefix-cache lookup skips the cached tokens; the rest (chunked if needed) is allocated all or
    nothing; the first request that does not fit stops admission (no overtaking).
@@ -36,6 +36,7 @@ from fast.config import SchedulerConfig
 from fast.core.detokenizer import cached_token_text
 from fast.core.kv_cache_manager import BlockCopy, KVCacheManager, PrefixHit
 from fast.core.outputs import CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput
+from fast.core.policy import checked_choice, resolve_policy
 from fast.core.request import Request, RequestGroup, SampleId, Status
 from ref.outputs import Logprob
 
@@ -64,6 +65,7 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
         self.config = config
         self.kv = kv
+        self.policy = resolve_policy(config.policy)  # whom to admit next, whom to preempt
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[SampleId, Request] = {}  # every queued or running sample
@@ -171,11 +173,7 @@ class Scheduler:
         raise AssertionError("victim was not scheduled")
 
     def _pick_victim(self) -> Request:
-        if self.config.policy == "priority":
-            return max(self.running, key=lambda r: (r.priority, r.arrival))
-        # The latest admitted: the running list's tail. Not the largest `arrival`: a forked sample
-        # (n > 1) joins the running set after requests that arrived after its group.
-        return self.running[-1]
+        return checked_choice(self.policy, "pick_victim", self.running)
 
     def _preempt(self, request: Request, plan: _Plan, needed_by: Request) -> None:
         """Preempt by recompute: free all blocks; it restarts from token 0 (prefix hits allowed)."""
@@ -191,9 +189,7 @@ class Scheduler:
         plan.preempted_for.append(needed_by)
 
     def _next_waiting(self) -> Request:
-        if self.config.policy == "priority":
-            return min(self.waiting, key=lambda r: (r.priority, r.arrival))
-        return self.waiting[0]
+        return checked_choice(self.policy, "next_waiting", self.waiting)
 
     def _schedule_waiting(self, plan: _Plan, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:

@@ -32,7 +32,8 @@ class LLM:
         enable_prefix_caching=True      reuse full KV blocks of identical prefixes
         enable_chunked_prefill=True     split long prompts across steps
         long_prefill_token_threshold=0  cap on one prompt chunk per step; 0: no cap
-        policy="fcfs"                   "fcfs" or "priority" (lower value served first)
+        policy="fcfs"                   "fcfs", "priority" (lower value served first) or a
+                                        fast.core.policy.SchedulingPolicy object
         attention_backend="auto"        "auto", "torch" or "triton"
         device="auto"                   "auto" (cuda if available), "cpu", "cuda[:N]"
         max_logprobs=20                 largest logprobs / prompt_logprobs a request may ask
@@ -42,6 +43,8 @@ class LLM:
                                         layers, KV heads split; one worker per rank)
         distributed_executor_backend=None  "uni" (in-process), "mp" (a process per rank,
                                         torch.distributed) or "ray"; None: uni for 1, mp for more
+        trace=False                     True: record every step (llm_engine.tracer.records); a path:
+                                        also as JSON lines there (SPEC §13, python -m fast.trace)
     """
 
     def __init__(self, model: str, **options: Any):

@@ -105,7 +105,9 @@ class MultiprocExecutor(Executor):
         try:
             for rank in range(world_size):
                 parent_end, child_end = ctx.Pipe()
-                proc = ctx.Process(target=_worker_main, args=(config, rank, init_method, child_end, os.getpid()),
+                # Not the scheduler's config: workers never schedule, and a user's policy object need not pickle.
+                proc = ctx.Process(target=_worker_main,
+                                   args=(config.for_workers(), rank, init_method, child_end, os.getpid()),
                                    name=f"fast-worker-{rank}", daemon=True)
                 self.pipes.append(parent_end)
                 proc.start()

@@ -200,7 +200,7 @@ class RayExecutor(Executor):
         port = self._gather("start-up", [self.actors[0].free_port.remote(host)], timeout=STARTUP_TIMEOUT_S)[0]
         init_method = f"tcp://{host}:{port}"
         num_threads = _env_threads()
-        config_ref = ray.put(config)
+        config_ref = ray.put(config.for_workers())  # no scheduler config: workers never schedule
         self._gather("start-up", [a.init_worker.remote(config_ref, init_method, use_gpu, num_threads,
                                                        node_ids.count(node_ids[rank]))
                                   for rank, a in enumerate(self.actors)], timeout=STARTUP_TIMEOUT_S)

@@ -1,0 +1,1 @@
+"""Examples a reader can copy (run them from the repository root)."""
