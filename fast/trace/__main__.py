@@ -47,6 +47,15 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _policy(text: str):
+    from fast.core.policy import load_policy
+
+    try:
+        return load_policy(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fast.trace", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-kv-blocks", type=_positive)
     p.add_argument("--max-num-batched-tokens", type=_positive)
     p.add_argument("--max-num-seqs", type=_positive)
-    p.add_argument("--policy", choices=("fcfs", "priority"))
+    p.add_argument("--policy", type=_policy, help="fcfs, priority, or module:attr naming a "
+                   "fast.core.policy.SchedulingPolicy (e.g. examples.shortest_prompt_first:ShortestPromptFirst)")
     return p
 
 
@@ -150,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             plan = plan_ref_batch(workload, options)
             notes.append(plan.describe(options["block_size"], options["max_num_seqs"]))
             if args.policy is not None:
-                notes.append(f"ref: --policy {args.policy} ignored (ref serves static batches in arrival order)")
+                notes.append(f"ref: --policy {args.policy.name} ignored (ref serves static batches in arrival order)")
             meta, steps, token_text = run_ref(model, workload, options, trace_path, plan)
         else:
             meta, steps, token_text = run_fast(model, workload, options, trace_path)

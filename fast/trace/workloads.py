@@ -35,11 +35,14 @@ class Workload:
     params: list[SamplingParams]
     arrivals: list[int]
     options: dict[str, Any] = field(default_factory=dict)
+    priorities: list[int] | None = None  # per request (lower = more urgent); used by policy "priority"
 
     def __post_init__(self) -> None:
         if not len(self.prompts) == len(self.params) == len(self.arrivals):
             raise ValueError(f"workload {self.name!r}: prompts, params and arrivals differ in length "
                              f"({len(self.prompts)}, {len(self.params)}, {len(self.arrivals)})")
+        if self.priorities is not None and len(self.priorities) != len(self.prompts):
+            raise ValueError(f"workload {self.name!r}: {len(self.priorities)} priorities for {len(self.prompts)} requests")
 
     @property
     def max_n(self) -> int:
@@ -53,7 +56,8 @@ class Workload:
 
 
 class Steppable(Protocol):
-    def add_request(self, request_id: str, prompt, params: SamplingParams | None = None) -> None: ...
+    def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
+                    priority: int = 0) -> None: ...
     def has_unfinished_requests(self) -> bool: ...
 
 
@@ -69,7 +73,8 @@ def replay(workload: Workload, engine: Steppable, step: Callable[[], list] | Non
             clock = max(clock, workload.arrivals[pending[0]])
         while pending and workload.arrivals[pending[0]] <= clock:
             i = pending.pop(0)
-            engine.add_request(str(i), workload.prompts[i], workload.params[i])
+            priority = 0 if workload.priorities is None else workload.priorities[i]
+            engine.add_request(str(i), workload.prompts[i], workload.params[i], priority=priority)
         step()
         clock += 1
         if clock > MAX_STEPS:
@@ -122,6 +127,7 @@ def preemption() -> Workload:
         params=[_greedy(rng.randrange(24, 33)) for _ in range(n)],
         arrivals=[0] * n,
         options=dict(block_size=4, num_kv_blocks=24, max_num_batched_tokens=32, max_num_seqs=4, max_model_len=64),
+        priorities=[n - i for i in range(n)],  # later requests more urgent: --policy priority reorders
     )
 
 
