@@ -63,7 +63,6 @@ def write_model(out: Path, shape: dict, dtype: torch.dtype, device: str) -> Path
             else:
                 p.normal_(0.0, 0.02)
     model.save_pretrained(str(out))
-    del model
     return out
 
 
@@ -133,7 +132,6 @@ def run_hf(model_dir: Path, prompts, max_tokens: int, device: str, batch_size: i
         tokens += out[:, len(prompts[0]):].numel()
     _sync(device)
     wall = time.perf_counter() - t0
-    del model
     return {"engine": f"hf-generate[batch {batch_size}]", "wall_s": wall, "output_tokens": tokens}
 
 

@@ -42,13 +42,11 @@ What a ref step is, and how it maps onto the schema:
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from collections import deque
 from typing import TYPE_CHECKING
 
-from fast.trace.tracer import MAX_RECORDS, SCHEMA, sample_key
+from fast.trace.tracer import MAX_RECORDS, SCHEMA, BlockChanges, TraceLog, sample_key
 
 if TYPE_CHECKING:
     from ref.engine import LLMEngine, Request, StaticBatch
@@ -89,17 +87,15 @@ class RefObserver:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.engine = engine
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.records: deque[dict] = deque(maxlen=max_records)
-        self.meta = {"kind": "meta", "schema": SCHEMA, "engine": "ref", "model": engine.config.model,
-                     "block_size": block_size, "num_blocks": num_blocks, "max_num_batched_tokens": None,
-                     "max_num_seqs": engine.config.max_batch, "max_model_len": engine.max_model_len,
-                     "policy": POLICY, "layers_timed": False}
-        self._file = open(path, "w", encoding="utf-8") if path else None  # noqa: SIM115 - closed in close()
-        if self._file is not None:
-            self._write(self.meta)
+        meta = {"kind": "meta", "schema": SCHEMA, "engine": "ref", "model": engine.config.model,
+                "block_size": block_size, "num_blocks": num_blocks, "max_num_batched_tokens": None,
+                "max_num_seqs": engine.config.max_batch, "max_model_len": engine.max_model_len,
+                "num_hidden_layers": engine.model_config.num_hidden_layers, "policy": POLICY, "layers_timed": False}
+        self.log = TraceLog(meta, path, max_records)
+        self.meta, self.records = self.log.meta, self.log.records
         self._t0 = time.perf_counter()
         self._num_steps = 0
-        self._tables: dict[str, list[int]] = {}
+        self._block_changes = BlockChanges()  # a row's table is added at its prefill, freed at the next
         m = engine.metrics  # ref's KV counters may already hold earlier steps: continue from them
         self._totals = {"generated_tokens": 0, "prompt_tokens_computed": 0, "preemptions": 0,
                         "kv_slot_steps_reserved": m.kv_slot_steps_reserved,
@@ -137,9 +133,7 @@ class RefObserver:
         self._totals["kv_slot_steps_used"] += sum(record["kv"]["num_tokens"].values())
         record["totals"] = dict(self._totals)
         self._num_steps += 1
-        self.records.append(record)
-        if self._file is not None:
-            self._write(record)
+        self.log.append(record)
         return outputs
 
     def _next_batch_shape(self) -> tuple[int, int]:
@@ -202,28 +196,5 @@ class RefObserver:
         return {"num_free": len(free), "usage": reserved / self.num_blocks, "tables": tables,
                 "num_tokens": num_tokens, "cached": [], "free": free}
 
-    def _block_changes(self, tables: dict[str, list[int]]) -> dict:
-        """Per sample: its table added (the prefill that formed its batch) or freed (the next one)."""
-        changes: dict[str, dict] = {}
-        for key, table in tables.items():
-            before = self._tables.get(key, [])
-            if table[:len(before)] == before:
-                if len(table) > len(before):
-                    changes[key] = {"added": table[len(before):]}
-            else:  # cannot happen: a row's reservation is fixed for its batch's life
-                changes[key] = {"replaced": before, "added": table}
-        for key, before in self._tables.items():
-            if key not in tables:
-                changes[key] = {"freed": before}
-        self._tables = {key: list(table) for key, table in tables.items()}
-        return changes
-
-    # ------------------------------------------------------------------ output
-    def _write(self, obj: dict) -> None:
-        self._file.write(json.dumps(obj, separators=(",", ":")) + "\n")
-        self._file.flush()
-
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self.log.close()

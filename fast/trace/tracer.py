@@ -98,21 +98,67 @@ class LayerTimer:
         return ms
 
 
+class TraceLog:
+    """Where a trace goes: the latest `max_records` step records in memory, and, with a `path`,
+    the meta line then every record as JSON lines (flushed per record: a trace is read while, or
+    after, an engine dies)."""
+
+    def __init__(self, meta: dict, path: str | None = None, max_records: int = MAX_RECORDS):
+        self.meta = meta
+        self.records: deque[dict] = deque(maxlen=max_records)
+        self._file = open(path, "w", encoding="utf-8") if path else None  # noqa: SIM115 - closed in close()
+        self._write(meta)
+
+    def append(self, record: dict) -> None:
+        self.records.append(record)
+        self._write(record)
+
+    def _write(self, obj: dict) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(obj, separators=(",", ":")) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class BlockChanges:
+    """`block_changes` of consecutive records: per sample, the blocks added to its table since
+    the previous call, or its whole table freed (a table that is not a growth of the previous one
+    is reported as replaced)."""
+
+    def __init__(self) -> None:
+        self._tables: dict[str, list[int]] = {}
+
+    def __call__(self, tables: dict[str, list[int]]) -> dict:
+        changes: dict[str, dict] = {}
+        for key, table in tables.items():
+            before = self._tables.get(key, [])
+            if table[:len(before)] == before:
+                if len(table) > len(before):
+                    changes[key] = {"added": table[len(before):]}
+            else:
+                changes[key] = {"replaced": before, "added": table}
+        for key, before in self._tables.items():
+            if key not in tables:
+                changes[key] = {"freed": before}
+        self._tables = {key: list(table) for key, table in tables.items()}
+        return changes
+
+
 class Tracer:
     """Builds one record per engine step that ran the model; see the module docstring."""
 
     def __init__(self, engine: "LLMEngine", path: str | None = None, max_records: int = MAX_RECORDS):
         self.engine = engine
-        self.records: deque[dict] = deque(maxlen=max_records)
-        self.meta = self._meta(engine)
         self.layers = LayerTimer(engine)
-        self.meta["layers_timed"] = self.layers.in_process
-        self._file = open(path, "w", encoding="utf-8") if path else None  # noqa: SIM115 - closed in close()
-        if self._file is not None:
-            self._write(self.meta)
+        self.log = TraceLog({**self._meta(engine), "layers_timed": self.layers.in_process}, path, max_records)
+        self.meta, self.records = self.log.meta, self.log.records
         self._t0 = time.perf_counter()
         self._num_steps = 0
-        self._tables: dict[str, list[int]] = {}
+        self._block_changes = BlockChanges()
         self._stats = engine.kv.stats
         self._record: dict | None = None
         self._requests: dict[str, "Request"] = {}
@@ -198,9 +244,7 @@ class Tracer:
             "prefix_cache_hit_rate": self._stats.hit_rate,
         }
         self._num_steps += 1
-        self.records.append(record)
-        if self._file is not None:
-            self._write(record)
+        self.log.append(record)
         self._record, self._requests = None, {}
 
     # ------------------------------------------------------------------ pieces of a record
@@ -221,22 +265,6 @@ class Tracer:
         return {"num_free": kv.num_free_blocks, "usage": kv.usage, "tables": tables, "num_tokens": num_tokens,
                 "cached": sorted(kv.cached_block_ids()), "free": kv.free_block_ids()}
 
-    def _block_changes(self, tables: dict[str, list[int]]) -> dict:
-        """Per sample: blocks added to its table this step, or its whole table freed."""
-        changes: dict[str, dict] = {}
-        for key, table in tables.items():
-            before = self._tables.get(key, [])
-            if table[:len(before)] == before:
-                if len(table) > len(before):
-                    changes[key] = {"added": table[len(before):]}
-            else:  # not growth: a table made anew (cannot happen within one step today)
-                changes[key] = {"replaced": before, "added": table}
-        for key, before in self._tables.items():
-            if key not in tables:
-                changes[key] = {"freed": before}
-        self._tables = {key: list(table) for key, table in tables.items()}
-        return changes
-
     def _cache_stats(self) -> dict:
         before, after = self._stats, self.engine.kv.stats
         self._stats = after
@@ -250,15 +278,8 @@ class Tracer:
                                  "cumulative": after.block_reuse_rate},
         }
 
-    # ------------------------------------------------------------------ output
-    def _write(self, obj: dict) -> None:
-        self._file.write(json.dumps(obj, separators=(",", ":")) + "\n")
-        self._file.flush()  # a trace is read while (or after) an engine dies: keep it whole
-
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self.log.close()
 
 
 def read_trace(path) -> tuple[dict, list[dict]]:
