@@ -235,3 +235,21 @@ def test_worker_in_another_process_is_traced_without_layers(tiny_model_dir):
 def test_trace_option_is_validated(tiny_model_dir, bad):
     with pytest.raises(ValueError, match="trace must be"):
         EngineConfig(model=tiny_model_dir, trace=bad)
+
+
+def test_server_traces_to_a_file_with_its_trace_flag(tiny_model_dir, tmp_path):
+    from starlette.testclient import TestClient
+
+    from fast.entrypoints.openai_server import build_app, parse_args
+
+    path = tmp_path / "server.jsonl"
+    options = {k: v for k, v in vars(parse_args(["--trace", str(path), "--max-model-len", "64"])).items()
+               if k not in ("model", "served_model_name", "host", "port", "log_level")}
+    engine = LLMEngine(EngineConfig.from_options(tiny_model_dir, options))
+    with TestClient(build_app(engine, "m")) as client:
+        reply = client.post("/v1/completions", json={"model": "m", "prompt": [5, 6, 7], "max_tokens": 3})
+        assert reply.status_code == 200, reply.text
+    engine.shutdown()
+    meta, steps = read_trace(path)
+    assert meta["engine"] == "fast" and sum(len(s["sampled"]) for s in steps) == 3
+    assert engine.tracer.records.maxlen == 100  # a file keeps every step; memory only the latest

@@ -46,7 +46,7 @@ import math
 import time
 from typing import TYPE_CHECKING
 
-from fast.trace.tracer import MAX_RECORDS, SCHEMA, BlockChanges, TraceLog, sample_key
+from fast.trace.tracer import SCHEMA, BlockChanges, TraceLog, sample_key
 
 if TYPE_CHECKING:
     from ref.engine import LLMEngine, Request, StaticBatch
@@ -80,7 +80,7 @@ class RefObserver:
     """
 
     def __init__(self, engine: "LLMEngine", num_blocks: int, block_size: int, path: str | None = None,
-                 max_records: int = MAX_RECORDS):
+                 max_records: int | None = None):
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         if block_size < 1:

@@ -31,7 +31,11 @@ if TYPE_CHECKING:
     from fast.engine.llm_engine import LLMEngine
 
 SCHEMA = "pagedlm-trace/1"
-MAX_RECORDS = 10_000  # kept in memory (the file, when given, gets every record)
+# Records kept in memory: trace=True keeps the latest 10,000 steps; with a file, which gets every
+# step, memory keeps only the latest 100 (a record holds every block table: a long-running traced
+# server must not grow without bound).
+MAX_RECORDS = 10_000
+MAX_RECORDS_WITH_FILE = 100
 
 # layer -> (attribute path from the engine, method names): what LayerTimer wraps.
 LAYERS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -103,8 +107,10 @@ class TraceLog:
     the meta line then every record as JSON lines (flushed per record: a trace is read while, or
     after, an engine dies)."""
 
-    def __init__(self, meta: dict, path: str | None = None, max_records: int = MAX_RECORDS):
+    def __init__(self, meta: dict, path: str | None = None, max_records: int | None = None):
         self.meta = meta
+        if max_records is None:
+            max_records = MAX_RECORDS if path is None else MAX_RECORDS_WITH_FILE
         self.records: deque[dict] = deque(maxlen=max_records)
         self._file = open(path, "w", encoding="utf-8") if path else None  # noqa: SIM115 - closed in close()
         self._write(meta)
@@ -151,7 +157,7 @@ class BlockChanges:
 class Tracer:
     """Builds one record per engine step that ran the model; see the module docstring."""
 
-    def __init__(self, engine: "LLMEngine", path: str | None = None, max_records: int = MAX_RECORDS):
+    def __init__(self, engine: "LLMEngine", path: str | None = None, max_records: int | None = None):
         self.engine = engine
         self.layers = LayerTimer(engine)
         self.log = TraceLog({**self._meta(engine), "layers_timed": self.layers.in_process}, path, max_records)
