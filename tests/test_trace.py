@@ -11,6 +11,8 @@ import json
 
 import jsonschema
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fast import LLM, EngineConfig, LLMEngine, SamplingParams
 from fast.trace import read_trace, sample_key
@@ -253,3 +255,50 @@ def test_server_traces_to_a_file_with_its_trace_flag(tiny_model_dir, tmp_path):
     meta, steps = read_trace(path)
     assert meta["engine"] == "fast" and sum(len(s["sampled"]) for s in steps) == 3
     assert engine.tracer.records.maxlen == 100  # a file keeps every step; memory only the latest
+
+
+@st.composite
+def _traced_runs(draw):
+    """Random small workloads: shared prefixes, n > 1, tiny pools (preemption), aborts between steps."""
+    prefix = draw(st.lists(st.integers(3, 500), min_size=0, max_size=12))
+    requests = []
+    for i in range(draw(st.integers(2, 6))):
+        prompt = prefix + draw(st.lists(st.integers(3, 500), min_size=1, max_size=20))
+        n = draw(st.integers(1, 3))
+        params = SamplingParams(temperature=1.0 if n > 1 else draw(st.sampled_from([0.0, 1.0])), seed=i, n=n,
+                                max_tokens=draw(st.integers(1, 12)), ignore_eos=True)
+        requests.append((prompt, params, draw(st.none() | st.integers(0, 12))))  # abort before that step
+    options = dict(max_model_len=48, block_size=draw(st.sampled_from([2, 4, 8])), max_num_seqs=draw(st.integers(2, 6)),
+                   max_num_batched_tokens=draw(st.sampled_from([8, 16, 48])), policy=draw(st.sampled_from(["fcfs", "priority"])),
+                   enable_prefix_caching=draw(st.booleans()))
+    options["num_kv_blocks"] = 48 // options["block_size"] + draw(st.sampled_from([0, 1, 2, 12]))  # mostly tight
+    return requests, options
+
+
+@settings(max_examples=15)
+@given(run=_traced_runs())
+def test_block_map_and_totals_hold_on_random_runs(tiny_model_dir, run):
+    requests, options = run
+    engine = LLMEngine(EngineConfig(model=tiny_model_dir, trace=True, **options))
+    for i, (prompt, params, _) in enumerate(requests):
+        engine.add_request(str(i), {"prompt_token_ids": prompt}, params, priority=i % 3)
+    steps = 0
+    while engine.has_unfinished_requests():
+        for i, (_, _, abort_at) in enumerate(requests):
+            if abort_at == steps:
+                engine.abort_request(str(i))
+        before = len(engine.tracer.records)
+        engine.step()
+        steps += 1
+        records = engine.tracer.records
+        if len(records) == before:
+            continue
+        record, truth = records[-1], _kv_truth(engine)
+        assert len(records) == before + 1
+        assert {k: record["kv"][k] for k in ("tables", "num_tokens", "free", "cached")} == \
+            {k: truth[k] for k in ("tables", "num_tokens", "free", "cached")}
+        m = engine.get_metrics()
+        assert (record["totals"]["generated_tokens"], record["totals"]["preemptions"]) == \
+            (m.num_generated_tokens, m.num_preemptions)
+        assert record["waiting"] == [sample_key(r.request_id) for r in engine.scheduler.waiting]
+    assert not engine.tracer.records or engine.tracer.records[-1]["kv"]["tables"] == {}
