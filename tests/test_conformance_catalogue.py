@@ -48,8 +48,8 @@ CATALOGUE = [
         "logits = logits / torch.tensor([p.temperature ** 2 for p in params])[:, None]",
         "sampler/edges_vs_oracle", "sampler row"),
     Bug("top-k-keeps-one-extra", "fast.worker.sampler",
-        "kth_index = torch.tensor([max(k, 1) - 1 for k in top_k])[:, None]",
-        "kth_index = torch.tensor([min(max(k, 1), V - 1) for k in top_k])[:, None]",
+        "kth = torch.topk(logits, max(top_k), dim=-1).values.gather(1, kth_index)",
+        "kth = torch.topk(logits, min(max(top_k) + 1, V), dim=-1).values.gather(1, (kth_index + 1).clamp(max=V - 1))",
         "sampler/edges_vs_oracle", "sampler row"),
     Bug("min-p-not-relative-to-the-top", "fast.worker.sampler",
         "drop = (probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values) & (min_p > 0)[:, None]",
@@ -235,7 +235,7 @@ CATALOGUE = [
         "kernel/paged_vs_dense", "failed on triton"),
     # ---------------------------------------------------------------- sampler edges and seeds
     Bug("top-k-ties-cut-by-index", "fast.worker.sampler",  # keeps exactly k: drops tokens tied with the k-th
-        "            kth = torch.sort(logits, dim=-1, descending=True).values.gather(1, kth_index)\n"
+        "            kth = torch.topk(logits, max(top_k), dim=-1).values.gather(1, kth_index)\n"
         "            mask = (logits < kth) & torch.tensor([k > 0 for k in top_k])[:, None]\n",
         "            order = torch.sort(logits, dim=-1, descending=True, stable=True).indices\n"
         "            rank = torch.empty_like(order).scatter_(1, order, torch.arange(V).expand_as(order).contiguous())\n"

@@ -143,7 +143,9 @@ class Sampler:
         top_k = [p.top_k if 0 < p.top_k < V else 0 for p in params]
         if any(top_k):
             kth_index = torch.tensor([max(k, 1) - 1 for k in top_k])[:, None]
-            kth = torch.sort(logits, dim=-1, descending=True).values.gather(1, kth_index)
+            # The k-th largest value is the same whichever way it is found: topk of the largest k
+            # asked, not a sort of the whole row (~15x less work at k = 50 of 8192).
+            kth = torch.topk(logits, max(top_k), dim=-1).values.gather(1, kth_index)
             mask = (logits < kth) & torch.tensor([k > 0 for k in top_k])[:, None]
             logits = logits.masked_fill(mask, NEG_INF)
         top_p = torch.tensor([p.top_p for p in params])
