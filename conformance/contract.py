@@ -74,8 +74,43 @@ def check_output_contract(prompt_token_ids: list[int], params: SamplingParams, o
     indices = [c.index for c in output.outputs]
     assert indices == list(range(params.n)), f"{label}: sample indices {indices}, want 0..{params.n - 1}"
     _check_prompt_logprobs(prompt_token_ids, params, output, rules, label)
+    eos = tuple(rules.eos_token_ids)
     for c in output.outputs:
-        _check_sample(prompt_token_ids, params, c, rules, f"{label} sample {c.index}")
+        check = _check_rule0_sample if ended_by_rule0(params, c, eos) else _check_sample
+        check(prompt_token_ids, params, c, rules, f"{label} sample {c.index}")
+
+
+def ended_by_rule0(params: SamplingParams, completion, eos_token_ids: tuple[int, ...]) -> bool:
+    """Finished with "stop" and no stop_reason, but not by a stop token (SPEC §5 rule 1): no token
+    was left to sample (rule 0)."""
+    if completion.finish_reason != "stop" or completion.stop_reason is not None:
+        return False
+    ids = completion.token_ids
+    stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
+    return not (ids and len(ids) >= params.min_tokens and ids[-1] in stop_ids)
+
+
+def _check_rule0_sample(prompt: list[int], p: SamplingParams, c, rules, label: str) -> None:
+    ids = list(c.token_ids)
+    n = len(ids)
+    assert p.structured_outputs is not None or p.allowed_token_ids is not None, (
+        f"{label}: finished 'stop' with no stop token or string ({n} tokens, ending {ids[-4:]}), and no "
+        f"structured_outputs or allowed_token_ids that could leave no token to sample (SPEC §5 rule 0)")
+    limit = p.max_tokens if p.max_tokens is not None else rules.max_model_len
+    assert n < limit and len(prompt) + n < rules.max_model_len, (
+        f"{label}: ended by rule 0 after {n} tokens, but a length limit had ended it first "
+        f"(max_tokens={p.max_tokens}, max_model_len={rules.max_model_len}, {len(prompt)} prompt tokens)")
+    assert all(0 <= t < rules.vocab_size for t in ids), f"{label}: a token id outside the vocabulary: {ids}"
+    stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(rules.eos_token_ids))
+    for i, t in enumerate(ids):
+        assert t not in stop_ids, f"{label}: token {i} = {t} is a stop token but the sample went on"
+    if p.stop and rules.decode is not None:
+        for k in range(max(p.min_tokens, 1), n + 1):
+            hit = _earliest_stop(_text(rules, ids[:k], p), p.stop)
+            assert hit is None, f"{label}: stop string {hit[1]!r} was in the text after token {k - 1}, yet it went on"
+    want = _text(rules, ids, p)
+    assert c.text == want, f"{label}: text {c.text!r}, want {want!r} (token ids {ids})"
+    _check_logprobs(ids, p, c, rules, label)
 
 
 def _check_sample(prompt: list[int], p: SamplingParams, c, rules: ModelRules, label: str) -> None:

@@ -12,7 +12,7 @@ workload through the engine under test and the oracle, and checks:
    "stop" and no stop_reason — by EOS, or by SPEC §5 rule 0 with nothing but its own grammar to
    end it) validates under an independent validator (`validate`: `jsonschema` over `json.loads`,
    `re.fullmatch`, membership, a hand-written parser per grammar) — on both sides;
-2. both sides obey SPEC's output rules (conformance/contract.py, plus rule 0 here);
+2. both sides obey SPEC's output rules (conformance/contract.py, rule 0 included);
 3. the engine's outputs equal the oracle's under SPEC §7 (conformance/compare.py).
 
 The validators share nothing with `ref/structured.py` (which grammar a constraint means, each
@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from hypothesis import strategies as st
+
+from conformance.contract import ended_by_rule0
 
 from ref.sampling_params import SamplingParams, StructuredOutputsParams
 
@@ -375,16 +377,6 @@ def must_be_sentence(params: SamplingParams, completion, eos_token_ids: tuple[in
     return params.allowed_token_ids is None and params.bad_words is None
 
 
-def ended_by_rule0(params: SamplingParams, completion, eos_token_ids: tuple[int, ...]) -> bool:
-    """Finished with "stop" and no stop_reason, but not by a stop token (SPEC §5 rule 1): no token
-    was left to sample (rule 0)."""
-    if completion.finish_reason != "stop" or completion.stop_reason is not None:
-        return False
-    ids = completion.token_ids
-    stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
-    return not (ids and len(ids) >= params.min_tokens and ids[-1] in stop_ids)
-
-
 def check_sentences(label: str, params: list[SamplingParams], outputs: dict[int, Any], eos_token_ids: tuple[int, ...],
                     sentence_of: Callable[[Any], str]) -> int:
     """Validate every sample that must be a sentence (`must_be_sentence`); `sentence_of(sample)`
@@ -467,56 +459,6 @@ def _gpt2_byte_alphabet() -> dict[int, str]:
 
 
 # ----------------------------------------------------------------------------- SPEC's output rules
-
-def check_contract(prompt_ids: list[int], params: SamplingParams, output, rules, label: str) -> None:
-    """conformance/contract.py's output rules, and SPEC §5 rule 0 for the samples it ended.
-
-    contract.py predates rule 0 (a sample ended with "stop", no stop_reason and no stop token,
-    perhaps with no token at all); until it learns the rule, such samples are checked here with
-    its own pieces: nothing before the end was a stop token or made a stop string, the sample was
-    not at a length limit (rule 0 comes before the token), the text is the whole output's."""
-    from conformance import contract
-
-    eos = tuple(rules.eos_token_ids)
-    ended = [c for c in output.outputs if ended_by_rule0(params, c, eos)]
-    if not ended:
-        contract.check_output_contract(prompt_ids, params, output, rules, label)
-        return
-    assert output.finished, f"{label}: output not finished"
-    assert list(output.prompt_token_ids) == list(prompt_ids), f"{label}: prompt_token_ids are not the request's"
-    assert [c.index for c in output.outputs] == list(range(params.n)), f"{label}: sample indices"
-    contract._check_prompt_logprobs(prompt_ids, params, output, rules, label)
-    for c in output.outputs:
-        if c in ended:
-            _check_rule0_sample(prompt_ids, params, c, rules, f"{label} sample {c.index}")
-        else:
-            contract._check_sample(prompt_ids, params, c, rules, f"{label} sample {c.index}")
-
-
-def _check_rule0_sample(prompt: list[int], p: SamplingParams, c, rules, label: str) -> None:
-    from conformance import contract
-
-    ids = list(c.token_ids)
-    n = len(ids)
-    assert p.structured_outputs is not None or p.allowed_token_ids is not None, (
-        f"{label}: finished 'stop' with no stop token or string ({n} tokens, ending {ids[-4:]}), and no "
-        f"structured_outputs or allowed_token_ids that could leave no token to sample (SPEC §5 rule 0)")
-    limit = p.max_tokens if p.max_tokens is not None else rules.max_model_len
-    assert n < limit and len(prompt) + n < rules.max_model_len, (
-        f"{label}: ended by rule 0 after {n} tokens, but a length limit had ended it first "
-        f"(max_tokens={p.max_tokens}, max_model_len={rules.max_model_len}, {len(prompt)} prompt tokens)")
-    assert all(0 <= t < rules.vocab_size for t in ids), f"{label}: a token id outside the vocabulary: {ids}"
-    stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(rules.eos_token_ids))
-    for i, t in enumerate(ids):
-        assert t not in stop_ids, f"{label}: token {i} = {t} is a stop token but the sample went on"
-    if p.stop and rules.decode is not None:
-        for k in range(max(p.min_tokens, 1), n + 1):
-            hit = contract._earliest_stop(contract._text(rules, ids[:k], p), p.stop)
-            assert hit is None, f"{label}: stop string {hit[1]!r} was in the text after token {k - 1}, yet it went on"
-    want = contract._text(rules, ids, p)
-    assert c.text == want, f"{label}: text {c.text!r}, want {want!r} (token ids {ids})"
-    contract._check_logprobs(ids, p, c, rules, label)
-
 
 # ----------------------------------------------------------------------------- workloads
 
@@ -824,12 +766,12 @@ def _token_lookup(model_dir: str) -> Callable[[str], int | None]:
 
 
 def compare_with_oracle(ctx, workload, got: dict) -> dict:
-    """Both sides obey SPEC's output rules (`check_contract`: rule 0 included), then the engine's
-    outputs equal the oracle's under SPEC §7, as the e2e tier compares them. Returns the oracle's
-    outputs by request index."""
+    """Both sides obey SPEC's output rules (conformance/contract.py, rule 0 included), then the
+    engine's outputs equal the oracle's under SPEC §7, as the e2e tier compares them. Returns the
+    oracle's outputs by request index."""
     from conformance.tiers import _compare
 
-    return _compare(ctx, workload, got, contract=check_contract)
+    return _compare(ctx, workload, got)
 
 
 def build_structured(ctx):

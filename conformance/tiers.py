@@ -238,15 +238,14 @@ def _requests(workload: Workload) -> list[tuple[list[int], SamplingParams]]:
     return [(p["prompt_token_ids"], params) for p, params in zip(workload.prompts, workload.params)]
 
 
-def _compare(ctx: Context, workload: Workload, got: dict, dtype: str = "auto", contract=None) -> dict:
-    """Both sides obey SPEC's output rules on their own (`contract`, by default
-    conformance/contract.py: this catches a bug in the code fast shares with ref), then the engine
-    equals the oracle run in the engine's `dtype`, under that dtype's tolerances, a divergence
-    judged under the oracle's own token controls. Returns the oracle's outputs by request index."""
+def _compare(ctx: Context, workload: Workload, got: dict, dtype: str = "auto") -> dict:
+    """Both sides obey SPEC's output rules on their own (conformance/contract.py: this catches a
+    bug in the code fast shares with ref), then the engine equals the oracle run in the engine's
+    `dtype`, under that dtype's tolerances, a divergence judged under the oracle's own token
+    controls. Returns the oracle's outputs by request index."""
     from conformance.compare import oracle_controls
-    from conformance.contract import check_output_contract
+    from conformance.contract import check_output_contract as contract
 
-    contract = contract or check_output_contract
     oracle = ctx.oracle_for(dtype)
     keep = sorted(got)
     expected = oracle.generate([workload.prompts[i] for i in keep], [workload.params[i] for i in keep])

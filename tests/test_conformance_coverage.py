@@ -188,8 +188,9 @@ def test_the_near_cut_clause_does_not_excuse_a_top_k_that_keeps_one_extra(tiny_m
     """In bfloat16 the clause accepts a token within tolerance of the top-k cut (a (k+1)-th token
     0.13 below the k-th is: two correct bf16 engines may disagree there), not the (k+1)-th token
     of a sampler that keeps one too many where it lies farther (0.39 below, with top_k=1)."""
-    plant(monkeypatch, "fast.worker.sampler", "kth_index = torch.tensor([max(k, 1) - 1 for k in top_k])[:, None]",
-          "kth_index = torch.tensor([max(k, 1) for k in top_k])[:, None]")
+    plant(monkeypatch, "fast.worker.sampler",
+          "kth = torch.topk(logits, max(top_k), dim=-1).values.gather(1, kth_index)",
+          "kth = torch.topk(logits, max(top_k) + 1, dim=-1).values.gather(1, kth_index + 1)")
     half = tiers._half_precision_cases
     monkeypatch.setattr(tiers, "_half_precision_cases",
                         lambda vocab: [(w, o) for w, o in half(vocab) if o["dtype"] == "bfloat16"])

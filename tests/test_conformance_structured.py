@@ -14,8 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conformance.runner import run_check
-from conformance.structured import (ARITHMETIC, NESTED_LIST, TokenBytes, check_contract, constraints,
-                                    ended_by_rule0, json_schemas, must_be_sentence, regexes, validate)
+from conformance.contract import check_output_contract as check_contract
+from conformance.contract import ended_by_rule0
+from conformance.structured import ARITHMETIC, NESTED_LIST, TokenBytes, constraints, json_schemas, must_be_sentence, regexes, validate
 from conformance.tiers import CHECKS, MAX_MODEL_LEN, Context, Profile
 from ref.outputs import CompletionOutput, RequestOutput
 from ref.sampling_params import SamplingParams, StructuredOutputsParams as S
