@@ -163,6 +163,7 @@ class Tracer:
         self.log = TraceLog({**self._meta(engine), "layers_timed": self.layers.in_process}, path, max_records)
         self.meta, self.records = self.log.meta, self.log.records
         self._t0 = time.perf_counter()
+        self._marks: list[float] = []  # this step's boundaries: started, scheduled, executed, finished
         self._num_steps = 0
         self._block_changes = BlockChanges()
         self._stats = engine.kv.stats
