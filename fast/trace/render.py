@@ -21,7 +21,6 @@ Index arithmetic of a token (position p = prompt length + output index; its K/V 
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -431,18 +430,6 @@ def _token_repr(token_id: int, token_text) -> str:
     return "" if text is None else repr(text)
 
 
-def _num_layers(meta: dict) -> int | None:
-    """The decoder's layer count: the meta's, else the checkpoint's config.json (older traces)."""
-    if isinstance(meta.get("num_hidden_layers"), int):
-        return meta["num_hidden_layers"]
-    try:
-        config = json.loads((Path(meta.get("model", "")) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    n = config.get("num_hidden_layers", config.get("text_config", {}).get("num_hidden_layers"))
-    return n if isinstance(n, int) else None
-
-
 def _what_ran(rec: dict, key: str) -> tuple[str, dict | None]:
     """How this step served the sample, and its scheduled entry (None for a fork)."""
     entry = next((e for e in rec["scheduled"] if e["id"] == key), None)
@@ -478,7 +465,7 @@ def _fast_tree(meta: dict, rec: dict, tp: TokenPath, text: str) -> Node:
                       phases.get("update"))
         return Node(root_label, "", rec["duration_ms"], (schedule, execute, update))
     execute = Node("Executor.execute_model", "", phases.get("execute"),
-                   _execute_children(meta, rec, tp, entry))
+                   _execute_children(meta, rec, tp, entry, table))
     finished = next((f["reason"] for f in rec["finished"] if f["id"] == key), None)
     detail = f"stop rules + detokenizer: {text}" + (f"; finished ({finished})" if finished else "")
     update_children = [Node("KVCacheManager.cache_full_blocks", "", layers.get("kv_cache_blocks"))]
@@ -502,9 +489,8 @@ def _schedule_children(rec: dict, entry: dict | None, layers: dict | None, table
     return tuple(children)
 
 
-def _execute_children(meta: dict, rec: dict, tp: TokenPath, entry: dict | None) -> tuple[Node, ...]:
+def _execute_children(meta: dict, rec: dict, tp: TokenPath, entry: dict | None, table) -> tuple[Node, ...]:
     layers = rec["layers_ms"]
-    table = _table_at(rec, tp.sample, tp.position - 1, meta["block_size"]) or NOT_RECORDED
     # attention reads the tokens before the sampled one: tp.position of them
     reads = f"reads {tp.position} tokens from blocks {table}"
     if entry is None:  # a fork samples from its parent's row: it computes no position itself
@@ -514,8 +500,7 @@ def _execute_children(meta: dict, rec: dict, tp: TokenPath, entry: dict | None) 
     else:
         a, b = entry["start"], entry["start"] + entry["tokens"]
         inputs = f"position {a}" if b == a + 1 else f"positions {a}..{b - 1}"
-    n_layers = _num_layers(meta)
-    forward = f"model forward ({n_layers} layers)" if n_layers else "model forward"
+    forward = f"model forward ({meta['num_hidden_layers']} layers)"  # both trace writers record it
     children = [Node("ModelRunner.update_states + prepare", inputs, layers.get("runner_inputs"))]
     if rec["forked"]:
         children.append(Node("ModelRunner.copy_blocks", "forks' partial last blocks", layers.get("copy_blocks")))

@@ -16,7 +16,7 @@ _MS = {"type": "object", "additionalProperties": {"type": "number", "minimum": 0
 META_SCHEMA = {
     "type": "object",
     "required": ["kind", "schema", "engine", "block_size", "num_blocks", "max_num_batched_tokens", "max_num_seqs",
-                 "policy", "layers_timed"],
+                 "num_hidden_layers", "policy", "layers_timed"],
     "properties": {
         "kind": {"const": "meta"},
         "schema": {"const": "pagedlm-trace/1"},
